@@ -1,0 +1,117 @@
+"""Tokens/s of one SFT step: the stepwise megatron engine vs a plain transformers training step.
+
+Same Qwen2 shape, batch, dtype and optimizer (Adam, grad clipping) in one process, measured in
+alternating rounds so machine noise hits both alike. Prints both rates and engine/transformers.
+
+    python benchmarks/train_step.py [--hidden 256 --layers 4 --seq 128 --batch 16 --rounds 5 --steps 4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from functools import partial
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def shape(args) -> dict:
+    return dict(model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, intermediate_size=4 * args.hidden,
+                max_position_embeddings=args.seq * 2, tie_word_embeddings=False)
+
+
+def batch(args, device) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=generator)
+    return {
+        "input_ids": ids[:, :-1].contiguous().to(device),
+        "labels": ids[:, 1:].contiguous().to(device),
+        "loss_mask": torch.ones(args.batch, args.seq, device=device),
+        "position_ids": torch.arange(args.seq, device=device).unsqueeze(0).expand(args.batch, -1).contiguous(),
+        "normalizer": torch.tensor(float(args.batch * args.seq), device=device),
+    }
+
+
+def engine_step(args):
+    from stepwise import losses
+    from stepwise.config.schema import ModelConfig, ParallelConfig, TrainConfig
+    from stepwise.models.hf_config import arch_from_hf_dict
+    from stepwise.parallel.runtime import init_parallel
+    from stepwise.train.engine import build_engine
+
+    layout = init_parallel(1, 1, seed=0)
+    dtype = "bfloat16" if args.bf16 else "float32"
+    train = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch)
+    engine = build_engine(arch_from_hf_dict(shape(args)), ModelConfig(max_seq_len=args.seq, dtype=dtype),
+                          ParallelConfig(), train, layout, total_steps=1000)
+    plugin = losses.get("sft")
+    loss_fn = partial(plugin.compute, plugin.parse_options({}))
+    data = [batch(args, layout.device)]
+    return lambda: engine.train_step(data, loss_fn)
+
+
+def transformers_step(args):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fields = shape(args)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    data = batch(args, device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(input_ids=data["input_ids"], position_ids=data["position_ids"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), data["labels"].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return step
+
+
+def timed(step, steps: int) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - began) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in (("vocab", 1024), ("hidden", 256), ("layers", 4), ("heads", 8), ("kv_heads", 4),
+                          ("seq", 128), ("batch", 16), ("rounds", 5), ("steps", 4)):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args()
+    engine, reference = engine_step(args), transformers_step(args)
+    engine(), reference()  # warm-up
+    engine_times, reference_times = [], []
+    for _ in range(args.rounds):
+        engine_times.append(timed(engine, args.steps))
+        reference_times.append(timed(reference, args.steps))
+    tokens = args.batch * args.seq
+    result = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads",
+        "shape": {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "heads", "kv_heads", "seq", "batch")},
+        "dtype": "bf16" if args.bf16 else "fp32",
+        "engine_tokens_per_s": tokens / statistics.median(engine_times),
+        "transformers_tokens_per_s": tokens / statistics.median(reference_times),
+    }
+    result["engine_time_over_transformers_time"] = statistics.median(engine_times) / statistics.median(reference_times)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Megatron distributed checkpoints: atomic publication, `latest` pointer, model/optimizer/scheduler/RNG state."""

@@ -1,0 +1,136 @@
+"""Save and load model / optimizer / scheduler / RNG / trainer state as a megatron dist checkpoint.
+
+Tensors are stored with their global shapes (megatron `ShardedTensor`s), so a checkpoint written at
+one TP/PP loads at another. Every rank calls these functions together (they are collective).
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from stepwise.checkpoint import layout
+from stepwise.parallel import cpu_shim
+
+
+def unwrap(model):
+    """The bare GPTModel under DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["tracker"] = get_cuda_rng_tracker().get_states()
+    else:
+        state["tracker"] = cpu_shim.TRACKER.get_states()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        torch.cuda.set_rng_state(state["cuda"])
+        get_cuda_rng_tracker().set_states(state["tracker"])
+    else:
+        cpu_shim.TRACKER.set_states(state["tracker"])
+
+
+def _rng_sharded_object():
+    """This rank's RNG state as one element of a (PP, TP, DP) grid of objects."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank())
+    return ShardedObject("rng_state", _rng_state(), shape, offset, replica_id=0)
+
+
+def _sharded_state(model, optimizer, with_rng: bool, is_loading: bool = False) -> dict[str, Any]:
+    model_state = unwrap(model).sharded_state_dict()
+    state: dict[str, Any] = {"model": model_state}
+    if optimizer is not None:
+        # is_loading initialises the optimizer's (still empty) state so it has tensors to load into
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+    if with_rng:
+        state["rng_state"] = _rng_sharded_object()
+    return state
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model,
+    optimizer=None,
+    scheduler=None,
+    trainer_state: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write `ROOT/iter_<step>` atomically (staged, then renamed) and repoint `ROOT/latest`."""
+    from megatron.core import dist_checkpointing
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        layout.staging_dir(root, step)
+    if dist.is_initialized():
+        dist.barrier()
+    staged = Path(root) / (layout.iteration_name(step) + ".tmp")
+    state = _sharded_state(model, optimizer, with_rng=True)
+    state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    state["trainer"] = dict(trainer_state or {})
+    dist_checkpointing.save(state, str(staged))
+    if dist.is_initialized():
+        dist.barrier()
+    final = Path(root) / layout.iteration_name(step)
+    if rank0:
+        full_meta = {"step": step, "saved_at": time.time(), "has_optimizer": optimizer is not None}
+        full_meta.update(meta or {})
+        layout.publish(root, step, full_meta)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, load_rng: bool = False) -> dict[str, Any]:
+    """Load a checkpoint root (via `latest`) or iteration dir into this rank's shards.
+
+    Returns `{"meta": ..., "trainer": ...}`. The model may be at any TP/PP.
+    """
+    from megatron.core import dist_checkpointing
+
+    iteration = layout.resolve(path)
+    meta = layout.read_meta(iteration)
+    if optimizer is not None and not meta.get("has_optimizer"):
+        raise layout.CheckpointError(f"{iteration}: holds no optimizer state (a model-only checkpoint)")
+    template = _sharded_state(model, optimizer, with_rng=load_rng, is_loading=True)
+    try:
+        loaded = dist_checkpointing.load(template, str(iteration), strict="assume_ok_unexpected")
+    except Exception as error:  # megatron raises many types; name the directory
+        raise layout.CheckpointError(f"{iteration}: cannot load checkpoint: {error}") from error
+    unwrap(model).load_state_dict(loaded["model"], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and loaded.get("scheduler") is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    if load_rng:
+        _set_rng_state(loaded["rng_state"])
+    return {"meta": meta, "trainer": loaded.get("trainer") or {}}

@@ -1,0 +1,72 @@
+"""The `stepwise` command.
+
+    stepwise run RECIPE.yaml [key=value ...]        run every stage (finished ones are skipped)
+    stepwise stage NAME RECIPE.yaml [key=value ...] re-run one stage (its inputs must be finished)
+    stepwise plan RECIPE.yaml [key=value ...]       validate and print the resolved recipe and stages
+    stepwise convert hf-to-megatron|megatron-to-hf ARGS...
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+def _quiet() -> None:
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+def _load(args):
+    from stepwise.config import load_recipe
+
+    return load_recipe(args.recipe, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet()
+    parser = argparse.ArgumentParser(prog="stepwise", description="Step-level offline RL recipes on megatron-core.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "run a recipe"), ("plan", "validate a recipe and print what would run")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("recipe")
+        sub.add_argument("overrides", nargs="*", help="key=value overrides")
+    one = commands.add_parser("stage", help="re-run one stage of a recipe")
+    one.add_argument("name")
+    one.add_argument("recipe")
+    one.add_argument("overrides", nargs="*")
+    convert = commands.add_parser("convert", help="HF <-> megatron checkpoint conversion")
+    convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    convert.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+
+    from stepwise.config import ConfigError
+
+    try:
+        if args.command == "convert":
+            module = "hf_to_megatron" if args.direction == "hf-to-megatron" else "megatron_to_hf"
+            from importlib import import_module
+
+            return import_module(f"stepwise.convert.{module}").main(args.rest)
+        config = _load(args)
+    except ConfigError as error:
+        print(f"stepwise: error: {error}", file=sys.stderr)
+        return 2
+    from stepwise.pipeline.runner import run_pipeline, stage_names
+
+    if args.command == "plan":
+        from stepwise.config import to_yaml
+
+        print(to_yaml(config))
+        print("stages:", " -> ".join(stage_names(config)))
+        return 0
+    ctx = run_pipeline(config, only=[args.name] if args.command == "stage" else None, force=args.command == "stage")
+    report = ctx.run_dir / "report.md"
+    if report.exists():
+        print(f"[stepwise] report: {report}")
+        print(f"[stepwise] report (JSON): {ctx.run_dir / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

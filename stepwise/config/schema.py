@@ -1,0 +1,133 @@
+"""The recipe schema: every default of stepwise lives here, once.
+
+A recipe YAML is a small diff over these dataclasses (usually via `recipes/base/*.yaml`); unknown
+keys are rejected at load time with the key path and the closest valid name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: Optional[str] = None  # default: runs/<recipe file stem>
+    seed: int = 1234
+    stages: list[str] = field(default_factory=list)  # empty: every stage of the recipe's method
+
+
+@dataclass
+class ArithTaskConfig:
+    n_steps: int = 3
+    operators: str = "+-*"
+    corrupt_fraction: float = 0.3
+    corrupt_rate: float = 0.6
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arith"  # arith | gsm8k | math
+    n_train: int = 4000
+    n_test: int = 500
+    arith: ArithTaskConfig = field(default_factory=ArithTaskConfig)
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None  # HF tokenizer dir; None: train one on the task corpus
+    vocab_size: Optional[int] = None
+
+
+@dataclass
+class FP8Config:
+    enabled: bool = False
+    recipe: str = "delayed"  # delayed | current
+    margin: int = 0
+    amax_history_len: int = 1024
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # HF model dir (config.json + safetensors); None: random init from `hf_config`
+    hf_config: dict[str, Any] = field(default_factory=dict)  # config.json fields for a from-scratch model
+    dtype: str = "float32"  # float32 | bfloat16
+    make_vocab_size_divisible_by: int = 128
+    max_seq_len: int = 128
+    recompute_activations: bool = False
+    fp8: FP8Config = field(default_factory=FP8Config)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    nproc_per_node: int = 1  # processes per node (GPUs per node on a cluster)
+    nnodes: int = 1
+    sequence_parallel: bool = True  # used when TP > 1 on GPU
+    use_distributed_optimizer: bool = True  # GPU only; the CPU path uses the plain megatron optimizer
+    launcher: str = "torchrun"  # torchrun | srun | inprocess
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_fraction: float = 0.0
+    schedule: str = "cosine"  # cosine | constant | linear
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "sft"
+    loss_args: dict[str, Any] = field(default_factory=dict)  # validated by the loss plugin's options
+    global_batch_size: int = 64
+    micro_batch_size: int = 4
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # overrides epochs when set
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class SamplingConfig:
+    backend: str = "hf"  # hf | vllm
+    n_problems: int = 256  # training problems to sample solutions for
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 64
+    batch_size: int = 64
+    shard_size: int = 256
+
+
+@dataclass
+class EvalConfig:
+    n_problems: int = 500
+    max_tokens: int = 64
+    batch_size: int = 128
+    benchmarks: list[str] = field(default_factory=lambda: ["arith"])
+
+
+@dataclass
+class RecipeConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    sft: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,1 @@
+"""Record I/O: strict JSONL reading with `path:line` errors, atomic writes, dataset loaders."""

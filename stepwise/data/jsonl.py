@@ -1,0 +1,112 @@
+"""Strict JSONL reading and atomic writing.
+
+Every error names the file, the line and the key; every write goes to a temporary file in the
+same directory, is fsynced and renamed into place, so a crash never leaves a half-written file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+
+class DataError(ValueError):
+    """Bad input data; the message starts with `path:line:`."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
+    """Atomically write records, one JSON object per line; returns the count."""
+    lines = [json.dumps(record, ensure_ascii=False) for record in records]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+_TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "list", dict: "object"}
+
+
+def _check_field(where: str, record: Mapping[str, Any], key: str, expected: type | tuple[type, ...]) -> None:
+    if key not in record:
+        raise DataError(f"{where}: missing key '{key}'")
+    value = record[key]
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+        names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+        raise DataError(f"{where}: key '{key}' must be {names}, got {type(value).__name__} {value!r:.60}")
+    if isinstance(value, str) and str in types and not value.strip():
+        raise DataError(f"{where}: key '{key}' is empty")
+
+
+def iter_jsonl(
+    path: str | os.PathLike, required: Mapping[str, type | tuple[type, ...]] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield records of a JSONL file; raise DataError naming `path:line` and the key on the first bad one.
+
+    Blank lines are skipped. `required` maps keys to the type(s) their values must have.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with path.open("r", encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: bad JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            for key, expected in (required or {}).items():
+                _check_field(where, record, key, expected)
+            yield record
+
+
+def read_jsonl(
+    path: str | os.PathLike, required: Mapping[str, type | tuple[type, ...]] | None = None
+) -> list[dict[str, Any]]:
+    """All records of a JSONL file (see `iter_jsonl`)."""
+    return list(iter_jsonl(path, required))

@@ -1,0 +1,9 @@
+"""Loss plugins: a registry of named losses, each a pure tensor function plus a thin batch adapter.
+
+Importing this package registers every built-in plugin.
+"""
+from stepwise.losses import registry
+from stepwise.losses import sft as _sft  # noqa: F401  (registers "sft")
+
+get = registry.get
+names = registry.names

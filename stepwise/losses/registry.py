@@ -1,0 +1,64 @@
+"""The loss-plugin registry and protocol.
+
+A plugin has a name, an options dataclass (strictly parsed from `train.loss_args`) and
+`compute(options, batch, logprobs) -> (loss, metrics)`. `batch` is one micro-batch of tensors; it
+carries `normalizer`, the count (tokens, sequences, actions...) over the *whole global batch*, so the
+loss is a sum divided by a global constant: splitting a global batch into micro-batches x
+accumulation x DP ranks yields the same gradient (gradients are summed, never averaged).
+`metrics` values are sums over the micro-batch (the trainer all-reduces and divides them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+Metrics = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LossPlugin:
+    name: str
+    options: type
+    compute: Callable[[Any, dict[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, Metrics]]
+    normalizer: str  # what `batch["normalizer"]` counts: "tokens", "sequences", "actions"
+    data_kind: str  # which batch builder feeds it, e.g. "sft"
+
+    def parse_options(self, args: dict[str, Any] | None):
+        """Build the options dataclass; unknown keys raise naming the closest valid one."""
+        args = dict(args or {})
+        valid = [f.name for f in dataclasses.fields(self.options)]
+        for key in args:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f" (valid: {valid})"
+                raise ValueError(f"loss '{self.name}' has no option '{key}'{hint}")
+        return self.options(**args)
+
+
+_PLUGINS: dict[str, LossPlugin] = {}
+
+
+def register(name: str, options: type, normalizer: str, data_kind: str):
+    """Decorator: register `compute` under `name`; a duplicate name is an error."""
+
+    def decorate(compute):
+        if name in _PLUGINS:
+            raise ValueError(f"loss plugin '{name}' is already registered")
+        _PLUGINS[name] = LossPlugin(name, options, compute, normalizer, data_kind)
+        return compute
+
+    return decorate
+
+
+def get(name: str) -> LossPlugin:
+    if name not in _PLUGINS:
+        raise KeyError(f"unknown loss '{name}'; registered losses: {', '.join(sorted(_PLUGINS))}")
+    return _PLUGINS[name]
+
+
+def names() -> list[str]:
+    return sorted(_PLUGINS)

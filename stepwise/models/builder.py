@@ -1,0 +1,138 @@
+"""Build a megatron-core `GPTModel` (policy) from a `ModelArch`, for this rank's TP/PP coordinates.
+
+The layer spec is Transformer Engine's when `transformer_engine` imports and CUDA is present
+(FP8 then follows `fp8.enabled`), otherwise megatron's local spec with the SDPA core attention.
+The vocabulary is padded to a multiple of `make_vocab_size_divisible_by x TP`; the padded rows
+never receive probability: `stepwise.train.logprobs` masks them.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from stepwise.models.attention import SDPAttention
+from stepwise.models.hf_config import ModelArch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to build (not what): parallel layout, precision, FP8 and kernel choices."""
+
+    tp: int = 1
+    pp: int = 1
+    dtype: str = "float32"
+    sequence_parallel: bool = False
+    make_vocab_size_divisible_by: int = 128
+    fp8: bool = False
+    fp8_recipe: str = "delayed"
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1024
+    use_te: bool | None = None  # None: use TE when it imports and CUDA is present
+    recompute_activations: bool = False
+
+
+def te_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def padded_vocab_size(vocab_size: int, options: EngineOptions) -> int:
+    multiple = options.make_vocab_size_divisible_by * options.tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(arch: ModelArch, options: EngineOptions):
+    """megatron `TransformerConfig` for `arch` under `options` (validated by megatron itself)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if options.dtype not in DTYPES:
+        raise ValueError(f"dtype {options.dtype!r} is not one of {sorted(DTYPES)}")
+    dtype = DTYPES[options.dtype]
+    use_te = te_available() if options.use_te is None else options.use_te
+    fp8 = {}
+    if options.fp8:
+        if not use_te:
+            raise ValueError("fp8.enabled needs Transformer Engine and CUDA (pip install -r requirements-cluster.txt)")
+        fp8 = dict(
+            fp8="hybrid",
+            fp8_recipe=FP8_RECIPES[options.fp8_recipe],
+            fp8_margin=options.fp8_margin,
+            fp8_amax_history_len=options.fp8_amax_history_len,
+            fp8_amax_compute_algo="max",
+        )
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        init_method_std=arch.initializer_range,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tensor_model_parallel_size=options.tp,
+        pipeline_model_parallel_size=options.pp,
+        sequence_parallel=options.sequence_parallel and options.tp > 1,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        calculate_per_token_loss=True,
+        recompute_granularity="selective" if options.recompute_activations else None,
+        **fp8,
+    )
+
+
+def layer_spec(options: EngineOptions):
+    """TE spec when available (fused attention, FP8), else the local spec with SDPA attention."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    use_te = te_available() if options.use_te is None else options.use_te
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_gpt_model(arch: ModelArch, options: EngineOptions, max_seq_len: int | None = None):
+    """A `GPTModel` holding this rank's shard of `arch` (random init; load weights separately)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    if arch.rope_scaling:
+        raise NotImplementedError(f"rope_scaling {arch.rope_scaling} is not supported for {arch.family} yet")
+    config = transformer_config(arch, options)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(options),
+        vocab_size=padded_vocab_size(arch.vocab_size, options),
+        max_sequence_length=max_seq_len or arch.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(arch.rope_theta),
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

@@ -1,0 +1,1 @@
+"""Process groups (NCCL on GPU, gloo on CPU), megatron parallel state, the CPU shim, rank-symmetric checks."""

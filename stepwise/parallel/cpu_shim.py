@@ -1,0 +1,112 @@
+"""Lets megatron-core 0.16 train on CPU with gloo when CUDA is absent.
+
+megatron-core hard-codes CUDA in a few places (current device, synchronize, the CUDA RNG tracker,
+`device="cuda"` in the pipeline schedules and p2p code). `install()` replaces exactly those:
+- `torch.cuda.current_device` -> the CPU device, `torch.cuda.synchronize` -> no-op;
+- the CUDA RNG state tracker -> one whose `fork()` swaps in CPU generators;
+- a TorchFunctionMode that maps `device="cuda"` in factory calls and `Tensor.cuda()` to the CPU;
+- the optimizer's gradient clipping, which asserts `torch.cuda.FloatTensor` grads, by the same
+  arithmetic on CPU tensors (the model-parallel-aware norm is megatron's own, unchanged).
+It is a no-op when CUDA is available, and idempotent.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_INSTALLED = False
+
+
+class CPURNGTracker:
+    """Drop-in for megatron's CudaRNGStatesTracker, backed by CPU generators."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, torch.Generator] = {}
+
+    def add(self, name: str, seed: int) -> None:
+        if name in self.states:
+            raise RuntimeError(f"RNG state {name} already exists")
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        self.states[name] = generator
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def reset(self) -> None:
+        self.states = {}
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {name: generator.get_state() for name, generator in self.states.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        for name, state in states.items():
+            self.states.setdefault(name, torch.Generator()).set_state(state)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        generator = self.states[name]
+        saved = torch.get_rng_state()
+        torch.set_rng_state(generator.get_state())
+        try:
+            yield
+        finally:
+            generator.set_state(torch.get_rng_state())
+            torch.set_rng_state(saved)
+
+
+class CudaToCpu(TorchFunctionMode):
+    """Maps `device="cuda"` in factory calls and `Tensor.cuda()` to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        device = kwargs.get("device")
+        if device is not None and str(device).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+TRACKER = CPURNGTracker()
+
+
+def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's `clip_grad_by_total_norm_fp32` for CPU tensors: scale grads by max_norm / norm."""
+    attribute = "decoupled_grad" if use_decoupled_grad else "grad"
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff >= 1.0:
+        return
+    for param in parameters:
+        grad = getattr(param, attribute, None)
+        if grad is not None:
+            grad.detach().mul_(clip_coeff)
+
+
+def install() -> bool:
+    """Apply the shim when CUDA is absent; returns True when it is (now) active."""
+    global _INSTALLED
+    if torch.cuda.is_available():
+        return False
+    if _INSTALLED:
+        return True
+    import megatron.core.optimizer.optimizer as megatron_optimizer
+    import megatron.core.tensor_parallel.random as megatron_random
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    megatron_random._CUDA_RNG_STATE_TRACKER = TRACKER
+    megatron_random.get_cuda_rng_tracker = lambda *args, **kwargs: TRACKER
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+    CudaToCpu().__enter__()
+    _INSTALLED = True
+    return True
+
+
+def seed_cpu_tracker(seed: int, tensor_parallel_rank: int) -> None:
+    """CPU counterpart of megatron's `model_parallel_cuda_manual_seed`."""
+    TRACKER.reset()
+    TRACKER.add("model-parallel-rng", seed + 2718 + tensor_parallel_rank)
+    TRACKER.add("data-parallel-rng", seed)

@@ -1,0 +1,151 @@
+"""One entry to start torch.distributed and megatron parallel state, from torchrun, Slurm or nothing.
+
+`init_parallel(tp, pp, seed)` reads RANK/WORLD_SIZE/LOCAL_RANK (torchrun) or SLURM_PROCID/
+SLURM_NTASKS/SLURM_LOCALID (srun), falls back to a single process, picks NCCL on GPU and gloo on CPU
+(applying the CPU shim), initialises megatron's TP/PP/DP groups and seeds every RNG the way megatron
+expects. `all_ranks_ok` turns a local failure into one every rank sees before the next collective.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from stepwise.parallel import cpu_shim
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits: global rank/world and its TP/PP/DP coordinates."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The one rank that prints progress: last pipeline stage, first TP and DP rank."""
+        return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun, else Slurm, else a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def init_distributed(timeout_minutes: int = 30) -> tuple[int, int, int]:
+    """Start the default process group once per process; returns (rank, world, local_rank)."""
+    rank, world_size, local_rank = launch_env()
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), local_rank
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    else:
+        cpu_shim.install()
+    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
+    dist.init_process_group(
+        backend="nccl" if use_cuda else "gloo",
+        init_method="env://",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return rank, world_size, local_rank
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy, torch and megatron's model-parallel RNG tracker (TP-rank aware)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    if torch.cuda.is_available():
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        cpu_shim.seed_cpu_tracker(seed, tp_rank)
+
+
+def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
+    """Initialise (or re-initialise) megatron parallel state for TP x PP x DP = world size."""
+    from megatron.core import parallel_state
+
+    rank, world_size, local_rank = init_distributed()
+    if world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
+    seed_everything(seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return Layout(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        tp=tp,
+        pp=pp,
+        dp=world_size // (tp * pp),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device,
+    )
+
+
+def all_ranks_ok(ok: bool) -> bool:
+    """True only if `ok` holds on every rank (a MIN all-reduce); call at the same point on all ranks."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def shutdown() -> None:
+    """Tear down megatron state and the process group (end of a stage)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

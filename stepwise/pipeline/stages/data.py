@@ -1,0 +1,56 @@
+"""Stages `data` (problems + SFT records) and `tokenizer` (trained on the task corpus, or given)."""
+from __future__ import annotations
+
+from stepwise.data.jsonl import read_jsonl, write_jsonl
+from stepwise.pipeline.context import StageContext
+from stepwise.pipeline.registry import stage
+
+PROBLEM_FIELDS = {"id": str, "problem": str, "answer": str}
+
+
+def arith_config(ctx: StageContext):
+    from stepwise.tasks.arith import ArithConfig
+
+    task = ctx.config.task.arith
+    return ArithConfig(n_steps=task.n_steps, operators=task.operators, corrupt_fraction=task.corrupt_fraction,
+                       corrupt_rate=task.corrupt_rate, seed=ctx.config.run.seed)
+
+
+@stage("data", config_keys=("task", "run.seed"))
+def build_data(ctx: StageContext) -> dict:
+    task = ctx.config.task
+    if task.name != "arith":
+        raise NotImplementedError(f"task.name={task.name}: dataset loaders for real benchmarks come with the "
+                                  "Skywork DAPO issue; use task.name=arith")
+    from stepwise.tasks.arith import make_problems, make_sft_records
+
+    config = arith_config(ctx)
+    train = make_problems(config, task.n_train, "train")
+    test = make_problems(config, task.n_test, "test")
+    out = ctx.dir("data")
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "test.jsonl", test)
+    write_jsonl(out / "sft.jsonl", make_sft_records(config, train))
+    return {"train": len(train), "test": len(test), "sft": len(train)}
+
+
+def problems(ctx: StageContext, split: str) -> list[dict]:
+    return read_jsonl(ctx.run_dir / "data" / f"{split}.jsonl", PROBLEM_FIELDS)
+
+
+def tokenizer_dir(ctx: StageContext):
+    return ctx.config.tokenizer.path or str(ctx.run_dir / "tokenizer")
+
+
+@stage("tokenizer", depends=("data",), config_keys=("tokenizer", "task"))
+def build_tokenizer(ctx: StageContext) -> dict:
+    from stepwise.tasks.tokenizer import load_tokenizer, train_task_tokenizer
+
+    if ctx.config.tokenizer.path:
+        tokenizer = load_tokenizer(ctx.config.tokenizer.path)
+        return {"path": ctx.config.tokenizer.path, "vocab_size": len(tokenizer)}
+    from stepwise.tasks.arith import corpus
+
+    texts = corpus(arith_config(ctx)) + [r["prompt"] + r["response"] for r in read_jsonl(ctx.run_dir / "data" / "sft.jsonl")]
+    path = train_task_tokenizer(texts, ctx.dir("tokenizer"), vocab_size=ctx.config.tokenizer.vocab_size)
+    return {"path": str(path), "vocab_size": len(load_tokenizer(path))}

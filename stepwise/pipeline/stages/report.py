@@ -1,0 +1,51 @@
+"""Stage `report`: `report.json` (every stage's summary) and `report.md` (tables a person reads)."""
+from __future__ import annotations
+
+import json
+
+from stepwise.data.jsonl import atomic_write_json, atomic_write_text
+from stepwise.pipeline.context import StageContext
+from stepwise.pipeline.registry import stage
+from stepwise.pipeline.runner import stage_names
+
+
+def _markdown(ctx: StageContext, report: dict) -> str:
+    config = ctx.config
+    lines = [f"# stepwise report: {config.run.name}", "",
+             f"Run directory: `{ctx.run_dir}`; task `{config.task.name}`; layout TP={config.parallel.tp} "
+             f"PP={config.parallel.pp} x {config.parallel.world_size} processes.", ""]
+    evals = report["stages"].get("eval", {})
+    if evals:
+        lines += ["## Greedy accuracy on held-out problems", "", "| policy | problems | correct | accuracy |",
+                  "|---|---|---|---|"]
+        for name, row in evals.items():
+            lines.append(f"| {name} | {row['problems']} | {row['correct']} | {row['accuracy']:.3f} |")
+        lines.append("")
+    grade = report["stages"].get("grade")
+    if grade:
+        lines += ["## Samples from the policy", "", f"- samples: {grade['samples']}",
+                  f"- sample accuracy: {grade['sample_accuracy']:.3f}", f"- pass@n: {grade['pass_at_n']:.3f}",
+                  f"- problems with no correct sample: {grade['all_wrong_problems']}", ""]
+    sft = report["stages"].get("sft", {}).get("final")
+    if sft:
+        lines += ["## SFT", "", f"- steps: {sft.get('step')}, final loss {sft.get('loss', float('nan')):.4f}, "
+                  f"{sft.get('tokens_per_s', 0):,.0f} tokens/s", ""]
+    lines += ["## Stages", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {report['seconds'].get(name, 0):.1f} |" for name in report["seconds"]]
+    return "\n".join(lines) + "\n"
+
+
+@stage("report", depends=("*",), config_keys=("run.name",))
+def write_report(ctx: StageContext) -> dict:
+    from stepwise.pipeline import manifest
+
+    names = [n for n in stage_names(ctx.config) if n != "report"]
+    stages, seconds = {}, {}
+    for name in names:
+        found = manifest.read(ctx.run_dir / name) or {}
+        stages[name] = found.get("summary", {})
+        seconds[name] = found.get("seconds", 0.0)
+    report = {"run": ctx.config.run.name, "run_dir": str(ctx.run_dir), "stages": stages, "seconds": seconds}
+    atomic_write_json(ctx.run_dir / "report.json", json.loads(json.dumps(report, default=str)))
+    atomic_write_text(ctx.run_dir / "report.md", _markdown(ctx, report))
+    return {"report": str(ctx.run_dir / "report.md")}

@@ -1,0 +1,1 @@
+"""The one training loop (every loss plugin), its engine (model + DDP + optimizer + scheduler), batches."""

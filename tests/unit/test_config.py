@@ -1,0 +1,80 @@
+"""Recipe loading: defaults inheritance, overrides, unknown keys, cross-field checks, every recipe."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stepwise.config import ConfigError, load_recipe
+from stepwise.pipeline.runner import stage_names
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "base" not in p.parts)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"defaults: [{REPO / 'recipes/base/tiny_arith.yaml'}]\n" + text)
+    return path
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(REPO)) for p in RECIPES])
+def test_every_recipe_loads_and_names_its_stages(recipe):
+    config = load_recipe(recipe)
+    assert config.run.dir.endswith(recipe.stem)
+    assert stage_names(config)
+
+
+def test_defaults_are_inherited_and_recipe_overrides_them(tmp_path):
+    config = load_recipe(write(tmp_path, "sft:\n  max_steps: 7\n"))
+    assert config.sft.max_steps == 7
+    assert config.model.hf_config["hidden_size"] == 128  # from the base file
+    assert config.sft.optim.adam_eps == 1e-8  # from the schema
+
+
+def test_command_line_overrides_win(tmp_path):
+    config = load_recipe(write(tmp_path, ""), ["sft.optim.lr=0.5", "run.dir=/tmp/x"])
+    assert config.sft.optim.lr == 0.5 and config.run.dir == "/tmp/x"
+
+
+def test_unknown_key_names_file_line_key_and_closest_name(tmp_path):
+    path = write(tmp_path, "sft:\n  optim:\n    warmup_fracton: 0.1\n")
+    with pytest.raises(ConfigError) as error:
+        load_recipe(path)
+    message = str(error.value)
+    assert f"{path}:4" in message
+    assert "sft.optim.warmup_fracton" in message and "did you mean 'warmup_fraction'" in message
+
+
+def test_unknown_override_key_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'sft\.optim\.lrr'; did you mean 'lr'"):
+        load_recipe(write(tmp_path, ""), ["sft.optim.lrr=3"])
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"sft\.max_steps"):
+        load_recipe(write(tmp_path, ""), ["sft.max_steps=abc"])
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["parallel.tp=3"], "does not divide the world size"),
+        (["parallel.tp=4", "parallel.nproc_per_node=4"], "does not divide num_key_value_heads=2"),
+        (["parallel.pp=4", "parallel.tp=1", "parallel.nproc_per_node=4"], "does not divide num_hidden_layers=2"),
+        (["sft.global_batch_size=48"], "not divisible by micro_batch_size x DP = 32 x 1"),
+        (["parallel.tp=1", "sft.micro_batch_size=16", "sft.global_batch_size=48"], "not divisible by micro_batch_size x DP = 16 x 2"),
+        (["sft.loss=dapo"], "unknown loss 'dapo'"),
+        (["sft.loss_args.label_smooth=0.1"], "has no option 'label_smooth'"),
+        (["model.dtype=fp8"], "model.dtype='fp8'"),
+        (["model.fp8.recipe=mxfp4"], "model.fp8.recipe"),
+    ],
+)
+def test_cross_field_checks_fail_at_load(tmp_path, overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
+        load_recipe(write(tmp_path, ""), overrides)
+
+
+def test_missing_recipe_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")
