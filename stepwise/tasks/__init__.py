@@ -1,0 +1,1 @@
+"""Tasks: the embedded arithmetic task, tokenizers, prompts, answer extraction and grading."""

@@ -1,0 +1,68 @@
+"""The embedded arithmetic task: determinism, disjoint splits, traps, solving and grading."""
+from __future__ import annotations
+
+import pytest
+
+from stepwise.tasks.arith import ArithConfig, extract_answer, grade_arith, make_problems, make_sft_records, solve
+
+
+def test_solve_is_left_to_right_mod_10():
+    steps, answer = solve("Q: 3+4*2-5\n")
+    assert steps == ["3+4=7", "7*2=4", "4-5=9"] and answer == "9"
+
+
+def test_generation_is_deterministic_and_splits_are_disjoint():
+    config = ArithConfig(seed=3)
+    train = make_problems(config, 500, "train")
+    assert train == make_problems(ArithConfig(seed=3), 500, "train")
+    assert train != make_problems(ArithConfig(seed=4), 500, "train")
+    test = make_problems(config, 200, "test")
+    assert not {p["problem"] for p in train} & {p["problem"] for p in test}
+    assert len({p["problem"] for p in train}) == 500
+    for record in train[:50]:
+        assert grade_arith(record["solution"], record["answer"])
+
+
+def test_difficulty_knob_sets_the_number_of_steps():
+    record = make_problems(ArithConfig(n_steps=5), 1, "train")[0]
+    assert len(record["solution"].split("\n")) == 6
+
+
+def test_traps_are_written_wrong_at_about_the_configured_rate():
+    config = ArithConfig(corrupt_fraction=0.3, corrupt_rate=0.6, seed=1)
+    assert len(config.traps) == 90
+    problems = make_problems(config, 3000, "train")
+    seen = wrong = 0
+    for record in make_sft_records(config, problems):
+        for line in record["response"].split("\n")[:-1]:
+            a, op, b, written = int(line[0]), line[1], int(line[2]), int(line[4])
+            right = int(solve(f"Q: {a}{op}{b}\n")[1])
+            if (a, op, b) in config.traps:
+                seen += 1
+                wrong += written == config.traps[(a, op, b)]
+                assert written in (right, config.traps[(a, op, b)])
+            else:
+                assert written == right
+    assert 0.5 < wrong / seen < 0.7
+
+
+def test_sft_responses_are_self_consistent_chains():
+    config = ArithConfig(seed=2)
+    for record in make_sft_records(config, make_problems(config, 200, "train")):
+        lines = record["response"].split("\n")
+        for previous, line in zip(lines, lines[1:-1]):
+            assert line[0] == previous[-1]
+        assert extract_answer(record["response"]) == lines[-2][-1]
+
+
+def test_grader_is_exact():
+    assert grade_arith("1+1=2\nA: 2", "2")
+    assert not grade_arith("1+1=2\nA: 3", "2")
+    assert not grade_arith("1+1=2", "2")
+    assert extract_answer("A: 1\nA: 7") == "7"
+
+
+@pytest.mark.parametrize("bad", [dict(n_steps=0), dict(operators="/"), dict(corrupt_rate=1.5)])
+def test_bad_config_is_rejected(bad):
+    with pytest.raises(ValueError, match="ArithConfig"):
+        ArithConfig(**bad)
