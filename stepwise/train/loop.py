@@ -74,7 +74,8 @@ def run_training(
         last = {"step": step + 1, **metrics, "tokens": tokens, "tokens_per_s": tokens / seconds, "step_s": seconds}
         if log_rank:
             progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens / seconds:,.0f}")
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                 tok_s=f"{tokens / seconds:,.0f}", refresh=False)
             if (step + 1) % train.log_every == 0 or step + 1 == steps:
                 with metrics_file.open("a") as handle:
                     handle.write(json.dumps(last) + "\n")

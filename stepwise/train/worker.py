@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             import json
 
             save_hf_metadata(out, json.loads((hf_dir / "config.json").read_text()), hf_dir)
-    meta = {"section": args.section, "loss": train.loss, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
+    meta = {"section": args.section, "loss": train.loss, "dtype": config.model.dtype,
+            "tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
     run_training(engine, batches, partial(plugin.compute, options), train, out, config.run.seed, meta, desc=args.section)
     shutdown()
     return 0

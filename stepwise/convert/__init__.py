@@ -1,0 +1,1 @@
+"""HF <-> megatron checkpoint conversion: per-family weight tables as data, one engine for both directions."""

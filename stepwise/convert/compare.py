@@ -1,0 +1,108 @@
+"""Logits parity between an HF model and a megatron checkpoint at any TP/PP.
+
+    python conversion/compare.py --hf DIR --megatron DIR [--tp N --pp N] [--prompt TEXT]
+
+prints JSON with `max_abs_logit_diff`, `mean_abs_logit_diff` and `top1_agreement`. With TP x PP > 1
+it re-launches itself under torchrun; the megatron logits are gathered across TP and taken from
+the last pipeline stage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def megatron_logits(ckpt_dir: str | Path, input_ids: torch.Tensor, tp: int = 1, pp: int = 1, dtype: str = "float32"):
+    """Full-vocabulary fp32 logits [B, S, V] on the logging rank (last stage, TP rank 0); None elsewhere."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from stepwise.checkpoint import layout as ckpt_layout
+    from stepwise.checkpoint.state import load_checkpoint
+    from stepwise.models.builder import EngineOptions, build_gpt_model
+    from stepwise.models.hf_config import arch_from_hf
+    from stepwise.parallel.runtime import init_parallel
+
+    layout = init_parallel(tp, pp)
+    arch = arch_from_hf(ckpt_layout.hf_metadata_dir(ckpt_dir))
+    model = build_gpt_model(arch, EngineOptions(tp=tp, pp=pp, dtype=dtype, use_te=False))
+    load_checkpoint(ckpt_dir, model)
+    model.eval()
+    batch, seq = input_ids.shape
+    positions = torch.arange(seq).unsqueeze(0).expand(batch, -1)
+    stash = []
+
+    def forward_step(data_iterator, model_chunk):
+        output = model_chunk(input_ids.to(layout.device), positions.to(layout.device), None)
+
+        def keep(logits):
+            stash.append(gather_from_tensor_model_parallel_region(logits).float())
+            return torch.zeros(()), torch.ones((), dtype=torch.int), {}
+
+        return output, keep
+
+    with torch.no_grad():
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]), model=[model],
+                                    num_microbatches=1, seq_length=seq, micro_batch_size=batch, forward_only=True)
+    if not layout.is_logging_rank:
+        return None
+    return stash[0][..., : arch.vocab_size].cpu()
+
+
+def hf_logits(hf_dir: str | Path, input_ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits.float()
+
+
+def parity(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
+    diff = (reference - candidate).abs()
+    return {"max_abs_logit_diff": diff.max().item(), "mean_abs_logit_diff": diff.mean().item(),
+            "top1_agreement": (reference.argmax(-1) == candidate.argmax(-1)).float().mean().item()}
+
+
+def _input_ids(hf_dir: str, prompt: str | None, vocab_size: int) -> torch.Tensor:
+    if prompt:
+        from stepwise.tasks.tokenizer import load_tokenizer
+
+        return torch.tensor([load_tokenizer(hf_dir)(prompt, add_special_tokens=False)["input_ids"]])
+    return torch.randint(0, vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="HF vs megatron logits parity")
+    parser.add_argument("--hf", required=True)
+    parser.add_argument("--megatron", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--prompt", default=None)
+    parser.add_argument("--logits-out", default=None, help=argparse.SUPPRESS)  # used by the torchrun re-launch
+    args = parser.parse_args(argv)
+    from stepwise.models.hf_config import arch_from_hf
+
+    ids = _input_ids(args.hf, args.prompt, arch_from_hf(args.hf).vocab_size)
+    if args.logits_out:  # inside torchrun
+        logits = megatron_logits(args.megatron, ids, args.tp, args.pp)
+        if logits is not None:
+            torch.save(logits, args.logits_out)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "logits.pt"
+        forwarded = sys.argv[1:] if argv is None else list(argv)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.tp * args.pp}",
+                   "-m", "stepwise.convert.compare", *forwarded, "--logits-out", str(out)]
+        subprocess.run(command, check=True)
+        print(json.dumps(parity(hf_logits(args.hf, ids), torch.load(out))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

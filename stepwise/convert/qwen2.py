@@ -1,0 +1,28 @@
+"""Weight table of the Qwen2 / Qwen2.5 family (QKV bias, SwiGLU, RMSNorm; tied or untied output)."""
+from __future__ import annotations
+
+from stepwise.convert.mapping import Rule
+from stepwise.models.hf_config import ModelArch
+
+ATTENTION = "model.layers.{i}.self_attn"
+LAYER = "decoder.layers.{i}"
+
+
+def qwen2_rules(arch: ModelArch) -> list[Rule]:
+    rules = [
+        Rule(("model.embed_tokens.weight",), "embedding.word_embeddings.weight", "vocab"),
+        Rule(("model.layers.{i}.input_layernorm.weight",), f"{LAYER}.input_layernorm.weight"),
+        Rule(tuple(f"{ATTENTION}.{p}_proj.weight" for p in "qkv"), f"{LAYER}.self_attention.linear_qkv.weight", "qkv"),
+        Rule((f"{ATTENTION}.o_proj.weight",), f"{LAYER}.self_attention.linear_proj.weight"),
+        Rule(("model.layers.{i}.post_attention_layernorm.weight",), f"{LAYER}.pre_mlp_layernorm.weight"),
+        Rule(("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+             f"{LAYER}.mlp.linear_fc1.weight", "gate_up"),
+        Rule(("model.layers.{i}.mlp.down_proj.weight",), f"{LAYER}.mlp.linear_fc2.weight"),
+        Rule(("model.norm.weight",), "decoder.final_layernorm.weight"),
+    ]
+    if arch.qkv_bias:
+        rules.append(Rule(tuple(f"{ATTENTION}.{p}_proj.bias" for p in "qkv"),
+                          f"{LAYER}.self_attention.linear_qkv.bias", "qkv"))
+    if not arch.tie_word_embeddings:
+        rules.append(Rule(("lm_head.weight",), "output_layer.weight", "vocab"))
+    return rules
