@@ -128,7 +128,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             raise _explain(error, merged, f"override '{item}'", None) from None
     if merged.run.dir is None:
         merged.run.dir = str(Path("runs") / path.stem)
-    config: RecipeConfig = OmegaConf.to_object(merged)
+    try:
+        config: RecipeConfig = OmegaConf.to_object(merged)
+    except (ValueError, OmegaConfBaseException) as error:  # a section's own __post_init__ checks
+        raise ConfigError(f"{path}: {str(error).splitlines()[0]}") from None
     validate(config, source=str(path))
     return config
 

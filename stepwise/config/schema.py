@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from stepwise.sampling.base import SamplingParams
+
 
 @dataclass
 class RunConfig:
@@ -104,13 +106,9 @@ class TrainConfig:
 class SamplingConfig:
     backend: str = "hf"  # hf | vllm
     n_problems: int = 256  # training problems to sample solutions for
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 64
     batch_size: int = 64
     shard_size: int = 256
+    params: SamplingParams = field(default_factory=SamplingParams)  # n, temperature, top_p, top_k, max_tokens, seed, stop
 
 
 @dataclass

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from stepwise.registry import Registry
+
 Metrics = dict[str, torch.Tensor]
 
 
@@ -39,26 +41,16 @@ class LossPlugin:
         return self.options(**args)
 
 
-_PLUGINS: dict[str, LossPlugin] = {}
+PLUGINS: Registry[LossPlugin] = Registry("loss")
+get = PLUGINS.get
+names = PLUGINS.names
 
 
 def register(name: str, options: type, normalizer: str, data_kind: str):
     """Decorator: register `compute` under `name`; a duplicate name is an error."""
 
     def decorate(compute):
-        if name in _PLUGINS:
-            raise ValueError(f"loss plugin '{name}' is already registered")
-        _PLUGINS[name] = LossPlugin(name, options, compute, normalizer, data_kind)
+        PLUGINS.add(name, LossPlugin(name, options, compute, normalizer, data_kind))
         return compute
 
     return decorate
-
-
-def get(name: str) -> LossPlugin:
-    if name not in _PLUGINS:
-        raise KeyError(f"unknown loss '{name}'; registered losses: {', '.join(sorted(_PLUGINS))}")
-    return _PLUGINS[name]
-
-
-def names() -> list[str]:
-    return sorted(_PLUGINS)

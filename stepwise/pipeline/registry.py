@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from stepwise.registry import Registry
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -14,22 +16,15 @@ class Stage:
     config_keys: tuple[str, ...]
 
 
-STAGES: dict[str, Stage] = {}
+STAGES: Registry[Stage] = Registry("stage")
+get = STAGES.get
 
 
 def stage(name: str, depends: tuple[str, ...] = (), config_keys: tuple[str, ...] = ()):
     """Decorator registering a stage; a duplicate name is an error."""
 
     def decorate(run: Callable) -> Callable:
-        if name in STAGES:
-            raise ValueError(f"stage '{name}' is already registered")
-        STAGES[name] = Stage(name, run, tuple(depends), tuple(config_keys))
+        STAGES.add(name, Stage(name, run, tuple(depends), tuple(config_keys)))
         return run
 
     return decorate
-
-
-def get(name: str) -> Stage:
-    if name not in STAGES:
-        raise KeyError(f"unknown stage '{name}'; known stages: {', '.join(sorted(STAGES))}")
-    return STAGES[name]

@@ -9,6 +9,7 @@ Loads the resolved recipe, starts the parallel runtime, builds the engine, loads
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -62,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         load_checkpoint(args.init, engine.model)
         engine.optimizer.reload_model_params()
         if layout.rank == 0:
-            from stepwise.checkpoint.layout import save_hf_metadata
-            import json
-
-            save_hf_metadata(out, json.loads((hf_dir / "config.json").read_text()), hf_dir)
+            ckpt_layout.save_hf_metadata(out, json.loads((hf_dir / "config.json").read_text()), hf_dir)
     meta = {"section": args.section, "loss": train.loss, "dtype": config.model.dtype,
             "tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
     run_training(engine, batches, partial(plugin.compute, options), train, out, config.run.seed, meta, desc=args.section)

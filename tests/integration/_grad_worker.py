@@ -21,12 +21,14 @@ TINY = dict(model_type="qwen2", vocab_size=40, hidden_size=32, num_hidden_layers
 GLOBAL_BATCH = 4
 
 
-def sequences() -> list[dict]:
-    generator = torch.Generator().manual_seed(0)
+def random_sequences(count: int, seed: int, prompt_tokens: int) -> list[dict]:
+    """Token records of random length 6..19 whose first `prompt_tokens` tokens are not targets."""
+    generator = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(GLOBAL_BATCH):
+    for _ in range(count):
         n = int(torch.randint(6, 20, (1,), generator=generator))
-        out.append({"ids": torch.randint(1, 40, (n,), generator=generator).tolist(), "mask": [0] * 3 + [1] * (n - 3)})
+        ids = torch.randint(1, 40, (n,), generator=generator).tolist()
+        out.append({"ids": ids, "mask": [0] * prompt_tokens + [1] * (n - prompt_tokens)})
     return out
 
 
@@ -36,7 +38,7 @@ def gradients(micro_batch_size: int) -> dict[str, torch.Tensor]:
     parallel = ParallelConfig(nproc_per_node=layout.world_size)
     engine = build_engine(arch_from_hf_dict(TINY), ModelConfig(max_seq_len=32), parallel, train, layout, 10)
     plugin = losses.get("sft")
-    batches = SFTBatches(sequences(), 0, 32, micro_batch_size)
+    batches = SFTBatches(random_sequences(GLOBAL_BATCH, 0, 3), 0, 32, micro_batch_size)
     micro = batches.micro_batches(list(range(GLOBAL_BATCH)), layout.dp_rank, layout.dp)
     engine.forward_backward(micro, partial(plugin.compute, plugin.parse_options({})))
     return {name: p.main_grad.detach().clone() for name, p in engine.model.module.named_parameters()}

@@ -19,16 +19,7 @@ from stepwise.parallel.runtime import init_parallel
 from stepwise.train.engine import build_engine
 from stepwise.train.loop import run_training
 from stepwise.train.sft_data import SFTBatches
-from tests.integration._grad_worker import TINY
-
-
-def dataset(n: int = 64) -> list[dict]:
-    generator = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(6, 20, (1,), generator=generator))
-        out.append({"ids": torch.randint(1, 40, (length,), generator=generator).tolist(), "mask": [0] * 2 + [1] * (length - 2)})
-    return out
+from tests.integration._grad_worker import TINY, random_sequences
 
 
 def main(out: str, steps: int, total: int, tp: int = 1, pp: int = 1) -> None:
@@ -39,7 +30,7 @@ def main(out: str, steps: int, total: int, tp: int = 1, pp: int = 1) -> None:
     engine = build_engine(arch_from_hf_dict(TINY), ModelConfig(max_seq_len=32), parallel, train, layout, total)
     plugin = losses.get("sft")
     train.max_steps = steps  # stop early (as a preempted job would); the schedule still spans `total`
-    run_training(engine, SFTBatches(dataset(), 0, 32, 2), partial(plugin.compute, plugin.parse_options({})),
+    run_training(engine, SFTBatches(random_sequences(64, 1, 2), 0, 32, 2), partial(plugin.compute, plugin.parse_options({})),
                  train, out, seed=5, meta={})
     if layout.rank == 0:
         torch.save({k: v.detach().clone() for k, v in unwrap(engine.model).state_dict().items() if torch.is_tensor(v)},

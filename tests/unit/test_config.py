@@ -78,3 +78,8 @@ def test_cross_field_checks_fail_at_load(tmp_path, overrides, fragment):
 def test_missing_recipe_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="no such recipe file"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_section_checks_surface_as_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="SamplingParams.temperature must be >= 0"):
+        load_recipe(write(tmp_path, ""), ["sampling.params.temperature=-1"])

@@ -10,7 +10,7 @@ from stepwise.losses.sft import sft_loss
 
 
 def test_unknown_loss_lists_the_registered_ones():
-    with pytest.raises(KeyError, match="registered losses: .*sft"):
+    with pytest.raises(KeyError, match="unknown loss .nope.; registered: .*sft"):
         losses.get("nope")
 
 

@@ -22,17 +22,16 @@ def grade_records(task: str, records: list[dict]) -> list[dict]:
 
 @stage("sample", depends=("export", "data"), config_keys=("sampling", "run.seed"))
 def sample(ctx: StageContext) -> dict:
-    from stepwise.sampling import SamplingParams, sample_to_shards
+    from stepwise.sampling import sample_to_shards
 
     config = ctx.config.sampling
     chosen = problems(ctx, "train")[: config.n_problems]
-    params = SamplingParams(n=config.n, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                            max_tokens=config.max_tokens, seed=ctx.config.run.seed)
+    params = config.params
     sampler = _sampler(ctx, ctx.summary("export")["policy"], config.batch_size)
     shards = sample_to_shards(sampler, chosen, "problem", params, ctx.dir("sample") / "shards",
                               shard_size=config.shard_size, desc="sample")
     sampler.close()
-    return {"problems": len(chosen), "samples_per_problem": config.n, "shards": len(shards)}
+    return {"problems": len(chosen), "samples_per_problem": params.n, "shards": len(shards)}
 
 
 @stage("grade", depends=("sample",), config_keys=("task.name",))
