@@ -65,8 +65,10 @@ def _rng_sharded_object():
     return ShardedObject("rng_state", _rng_state(), shape, offset, replica_id=0)
 
 
-def _sharded_state(model, optimizer, with_rng: bool, is_loading: bool = False) -> dict[str, Any]:
+def _sharded_state(model, optimizer, with_rng: bool, is_loading: bool = False, skip=None) -> dict[str, Any]:
     model_state = unwrap(model).sharded_state_dict()
+    if skip is not None:
+        model_state = {k: v for k, v in model_state.items() if not skip(k)}
     state: dict[str, Any] = {"model": model_state}
     if optimizer is not None:
         # is_loading initialises the optimizer's (still empty) state so it has tensors to load into
@@ -110,10 +112,12 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, load_rng: bool = False) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, load_rng: bool = False,
+                    skip=None) -> dict[str, Any]:
     """Load a checkpoint root (via `latest`) or iteration dir into this rank's shards.
 
-    Returns `{"meta": ..., "trainer": ...}`. The model may be at any TP/PP.
+    Returns `{"meta": ..., "trainer": ...}`. The model may be at any TP/PP. `skip(key)` leaves
+    matching model parameters as they are (a critic's fresh head on a policy trunk).
     """
     from megatron.core import dist_checkpointing
 
@@ -121,12 +125,15 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, loa
     meta = layout.read_meta(iteration)
     if optimizer is not None and not meta.get("has_optimizer"):
         raise layout.CheckpointError(f"{iteration}: holds no optimizer state (a model-only checkpoint)")
-    template = _sharded_state(model, optimizer, with_rng=load_rng, is_loading=True)
+    template = _sharded_state(model, optimizer, with_rng=load_rng, is_loading=True, skip=skip)
     try:
         loaded = dist_checkpointing.load(template, str(iteration), strict="assume_ok_unexpected")
     except Exception as error:  # megatron raises many types; name the directory
         raise layout.CheckpointError(f"{iteration}: cannot load checkpoint: {error}") from error
-    unwrap(model).load_state_dict(loaded["model"], strict=True)
+    missing, unexpected = unwrap(model).load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in missing if "_extra_state" not in k and not (skip and skip(k))]
+    if missing or unexpected:
+        raise layout.CheckpointError(f"{iteration}: model keys missing {missing[:5]} / unexpected {unexpected[:5]}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and loaded.get("scheduler") is not None:

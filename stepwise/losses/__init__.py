@@ -4,6 +4,7 @@ Importing this package registers every built-in plugin.
 """
 from stepwise.losses import registry
 from stepwise.losses import sft as _sft  # noqa: F401  (registers "sft")
+from stepwise.losses import critic_bce as _critic_bce  # noqa: F401
 from stepwise.losses import skywork_dapo as _skywork_dapo  # noqa: F401
 
 get = registry.get

@@ -1,7 +1,8 @@
 """The loss-plugin registry and protocol.
 
 A plugin has a name, an options dataclass (strictly parsed from `train.loss_args`) and
-`compute(options, batch, logprobs) -> (loss, metrics)`. `batch` is one micro-batch of tensors; it
+`compute(options, batch, outputs) -> (loss, metrics)`, where outputs are token log-probs [B, S] for
+policy losses and value-head logits [B, S] for critic losses. `batch` is one micro-batch of tensors; it
 carries `normalizer`, the count (tokens, sequences, actions...) over the *whole global batch*, so the
 loss is a sum divided by a global constant: splitting a global batch into micro-batches x
 accumulation x DP ranks yields the same gradient (gradients are summed, never averaged).
@@ -26,8 +27,9 @@ class LossPlugin:
     name: str
     options: type
     compute: Callable[[Any, dict[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, Metrics]]
-    normalizer: str  # what `batch["normalizer"]` counts: "tokens", "sequences", "actions"
+    normalizer: str  # what `batch["normalizer"]` counts: "tokens", "sequences", "actions", "states"
     data_kind: str  # which batch builder feeds it, e.g. "sft"
+    model_kind: str = "policy"  # "policy": compute gets token log-probs; "critic": value-head logits
 
     def parse_options(self, args: dict[str, Any] | None):
         """Build the options dataclass; unknown keys raise naming the closest valid one."""
@@ -46,11 +48,11 @@ get = PLUGINS.get
 names = PLUGINS.names
 
 
-def register(name: str, options: type, normalizer: str, data_kind: str):
+def register(name: str, options: type, normalizer: str, data_kind: str, model_kind: str = "policy"):
     """Decorator: register `compute` under `name`; a duplicate name is an error."""
 
     def decorate(compute):
-        PLUGINS.add(name, LossPlugin(name, options, compute, normalizer, data_kind))
+        PLUGINS.add(name, LossPlugin(name, options, compute, normalizer, data_kind, model_kind))
         return compute
 
     return decorate

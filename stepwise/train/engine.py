@@ -49,6 +49,7 @@ class Engine:
     arch: ModelArch
     layout: Layout
     seq_length_cap: int
+    kind: str = "policy"  # "critic": outputs are value-head logits, not token log-probs
 
     def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Callable) -> list[dict]:
         """Accumulate gradients of `micro_batches` (summed, DP-reduced) into the grad buffers."""
@@ -88,8 +89,11 @@ class Engine:
             output = model(batch["input_ids"], batch["position_ids"], None)
 
             def loss_func(logits):
-                logprobs = token_logprobs(logits, batch["labels"], vocab)
-                loss, metrics = loss_fn(batch, logprobs)
+                if self.kind == "critic":
+                    outputs = logits.squeeze(-1)
+                else:
+                    outputs = token_logprobs(logits, batch["labels"], vocab)
+                loss, metrics = loss_fn(batch, outputs)
                 metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}}
                 return loss, torch.ones((), dtype=torch.int, device=device), metrics
 
@@ -113,15 +117,18 @@ class Engine:
 
 
 def build_engine(
-    arch: ModelArch, model_config: ModelConfig, parallel: ParallelConfig, train: TrainConfig, layout: Layout, total_steps: int
+    arch: ModelArch, model_config: ModelConfig, parallel: ParallelConfig, train: TrainConfig, layout: Layout,
+    total_steps: int, kind: str = "policy",
 ) -> Engine:
-    """Model, DDP wrapper, megatron optimizer and scheduler for `total_steps` optimizer steps."""
+    """Model (policy or critic), DDP wrapper, megatron optimizer and scheduler for `total_steps` steps."""
+    from stepwise.models.critic import build_critic_model
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     options = engine_options(model_config, parallel)
-    model = build_gpt_model(arch, options, max_seq_len=model_config.max_seq_len)
+    builder = build_critic_model if kind == "critic" else build_gpt_model
+    model = builder(arch, options, max_seq_len=model_config.max_seq_len)
     config = model.config
     distributed_optimizer = parallel.use_distributed_optimizer and torch.cuda.is_available()
     ddp = DistributedDataParallel(
@@ -165,4 +172,4 @@ def build_engine(
         wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",
     )
-    return Engine(ddp, optimizer, scheduler, arch, layout, model_config.max_seq_len)
+    return Engine(ddp, optimizer, scheduler, arch, layout, model_config.max_seq_len, kind)

@@ -24,6 +24,11 @@ def build_batches(kind: str, records: list[dict], tokenizer, config, train, sour
 
         sequences = tokenize_sft(records, tokenizer, config.model.max_seq_len, source)
         return SFTBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
+    if kind == "values":
+        from stepwise.train.value_data import ValueBatches, tokenize_states
+
+        sequences = tokenize_states(records, tokenizer, config.model.max_seq_len, source=source)
+        return ValueBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
     raise ValueError(f"no batch builder for data kind '{kind}'")
 
 
@@ -41,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from stepwise.checkpoint.state import load_checkpoint
     from stepwise.config.loader import load_resolved
     from stepwise.data.jsonl import read_jsonl
+    from stepwise.models.critic import is_head_key
     from stepwise.models.hf_config import arch_from_hf
     from stepwise.parallel.runtime import init_parallel, shutdown
     from stepwise.tasks.tokenizer import load_tokenizer
@@ -57,14 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.tokenizer)
     records = read_jsonl(args.data)
     batches = build_batches(plugin.data_kind, records, tokenizer, config, train, args.data)
-    engine = build_engine(arch, config.model, config.parallel, train, layout, total_steps(train, len(batches)))
+    engine = build_engine(arch, config.model, config.parallel, train, layout, total_steps(train, len(batches)),
+                          kind=plugin.model_kind)
     out = Path(args.out)
     if ckpt_layout.latest_iteration(out) is None:
-        load_checkpoint(args.init, engine.model)
+        init_kind = ckpt_layout.read_meta(ckpt_layout.resolve(args.init)).get("model_kind", "policy")
+        fresh_head = plugin.model_kind == "critic" and init_kind != "critic"
+        load_checkpoint(args.init, engine.model, skip=is_head_key if fresh_head else None)
+        if fresh_head and layout.is_logging_rank:
+            print(f"[stepwise] critic trunk from {args.init}; value head freshly initialised", flush=True)
         engine.optimizer.reload_model_params()
         if layout.rank == 0:
             ckpt_layout.save_hf_metadata(out, json.loads((hf_dir / "config.json").read_text()), hf_dir)
-    meta = {"section": args.section, "loss": train.loss, "dtype": config.model.dtype,
+    meta = {"section": args.section, "loss": train.loss, "dtype": config.model.dtype, "model_kind": plugin.model_kind,
             "tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
     run_training(engine, batches, partial(plugin.compute, options), train, out, config.run.seed, meta, desc=args.section)
     shutdown()
