@@ -1,6 +1,8 @@
 """The one training loop: data order, steps, metrics (JSONL + tqdm on one rank), checkpoints, resume.
 
-It knows nothing about any particular loss: the loss plugin and the batch builder come in.
+It knows nothing about any particular loss: the loss plugin and the batch builder come in. A
+batch builder has `make_order(global_batch_size, seed)` (the resumable sample order),
+`micro_batches(indices, dp_rank, dp_size)` and `tokens(indices)`.
 """
 from __future__ import annotations
 
@@ -15,14 +17,14 @@ from tqdm import tqdm
 from stepwise.checkpoint import layout as ckpt_layout
 from stepwise.checkpoint.state import load_checkpoint, save_checkpoint
 from stepwise.config.schema import TrainConfig
-from stepwise.train.batches import DataOrder
 from stepwise.train.engine import Engine
 
 
-def total_steps(train: TrainConfig, dataset_size: int) -> int:
+def total_steps(train: TrainConfig, batches, seed: int) -> int:
+    """Optimizer steps of a run: `max_steps`, else `epochs` x the order's steps per epoch."""
     if train.max_steps is not None:
         return train.max_steps
-    return max(1, int(train.epochs * dataset_size) // train.global_batch_size)
+    return max(1, int(train.epochs * batches.make_order(train.global_batch_size, seed).steps_per_epoch))
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -34,7 +36,7 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _save(engine: Engine, root: Path, step: int, order: DataOrder, train: TrainConfig, meta: dict) -> None:
+def _save(engine: Engine, root: Path, step: int, order, train: TrainConfig, meta: dict) -> None:
     save_checkpoint(root, step, engine.model, engine.optimizer, engine.scheduler,
                     trainer_state={"step": step, "data_order": order.state_dict()}, meta=meta)
     if engine.layout.rank == 0:
@@ -54,8 +56,8 @@ def run_training(
     """Train to the end (resuming from `out_dir/latest` if present); returns the last step's metrics."""
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    order = DataOrder(len(batches), train.global_batch_size, seed)
-    steps = total_steps(train, len(batches))
+    order = batches.make_order(train.global_batch_size, seed)
+    steps = total_steps(train, batches, seed)
     start = 0
     if ckpt_layout.latest_iteration(root) is not None:
         state = load_checkpoint(root, engine.model, engine.optimizer, engine.scheduler, load_rng=True)["trainer"]

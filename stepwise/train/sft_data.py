@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from stepwise.data.jsonl import DataError
-from stepwise.train.batches import collate_sft, dp_slice, pad_length, split_micro_batches
+from stepwise.train.batches import DataOrder, collate_sft, dp_slice, pad_length, split_micro_batches
 
 
 def tokenize_sft(records: list[dict], tokenizer, max_seq_len: int, source: str = "data") -> list[dict]:
@@ -36,6 +36,9 @@ class SFTBatches:
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+    def make_order(self, global_batch_size: int, seed: int) -> DataOrder:
+        return DataOrder(len(self.sequences), global_batch_size, seed)
 
     def tokens(self, indices: list[int]) -> int:
         return sum(len(self.sequences[i]["ids"]) - 1 for i in indices)

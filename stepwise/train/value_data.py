@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from stepwise.data.jsonl import DataError
-from stepwise.train.batches import dp_slice, pad_length, split_micro_batches
+from stepwise.train.batches import DataOrder, dp_slice, pad_length, split_micro_batches
 
 
 def tokenize_states(records: list[dict], tokenizer, max_seq_len: int, separator: str = "\n",
@@ -57,6 +57,9 @@ class ValueBatches:
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+    def make_order(self, global_batch_size: int, seed: int) -> DataOrder:
+        return DataOrder(len(self.sequences), global_batch_size, seed)
 
     def tokens(self, indices: list[int]) -> int:
         return sum(len(self.sequences[i]["ids"]) for i in indices)

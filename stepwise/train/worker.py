@@ -29,6 +29,11 @@ def build_batches(kind: str, records: list[dict], tokenizer, config, train, sour
 
         sequences = tokenize_states(records, tokenizer, config.model.max_seq_len, source=source)
         return ValueBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
+    if kind == "action":
+        from stepwise.train.action_data import ActionBatches, tokenize_actions
+
+        sequences = tokenize_actions(records, tokenizer, config.model.max_seq_len, source=source)
+        return ActionBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
     raise ValueError(f"no batch builder for data kind '{kind}'")
 
 
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.tokenizer)
     records = read_jsonl(args.data)
     batches = build_batches(plugin.data_kind, records, tokenizer, config, train, args.data)
-    engine = build_engine(arch, config.model, config.parallel, train, layout, total_steps(train, len(batches)),
+    engine = build_engine(arch, config.model, config.parallel, train, layout, total_steps(train, batches, config.run.seed),
                           kind=plugin.model_kind)
     out = Path(args.out)
     if ckpt_layout.latest_iteration(out) is None:

@@ -1,0 +1,117 @@
+"""The `action` batch builder for step-level policy losses (`skywork_dapo`): state-wise batches.
+
+A record is `{"state_id", "prompt" (the state s), "action" (the next step a, with its separator),
+"ends" (the action ends the solution: eos follows), "advantage", "ref_logp"}`. Every action of a
+state lands in the same global batch, which gives the contrastive gradient the paper asks for (§4.1,
+"state-wise learning"): states are shuffled per epoch and packed whole into global batches of at most
+`global_batch_size` actions; unused slots are padding rows (id -1) that carry no loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from stepwise.data.jsonl import DataError
+from stepwise.train.batches import collate_sft, dp_slice, pad_length, split_micro_batches
+
+PAD_INDEX = -1
+
+
+@dataclass
+class StatewiseOrder:
+    """Seeded order of whole states packed into global batches; resumable by `consumed` batches."""
+
+    groups: list[list[int]]  # sample indices of each state
+    global_batch_size: int
+    seed: int
+    consumed: int = 0
+    _epochs: dict[int, list[list[int]]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        largest = max((len(g) for g in self.groups), default=0)
+        if largest > self.global_batch_size:
+            raise ValueError(f"a state has {largest} actions, more than global_batch_size={self.global_batch_size}")
+
+    def _packed(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            generator = torch.Generator().manual_seed(self.seed + 7919 * epoch)
+            batches, current = [], []
+            for state in torch.randperm(len(self.groups), generator=generator).tolist():
+                if len(current) + len(self.groups[state]) > self.global_batch_size:
+                    batches.append(current)
+                    current = []
+                current = current + self.groups[state]
+            if current:
+                batches.append(current)
+            self._epochs = {epoch: [b + [PAD_INDEX] * (self.global_batch_size - len(b)) for b in batches]}
+        return self._epochs[epoch]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self._packed(0))
+
+    def next_global_batch(self) -> list[int]:
+        epoch, offset = divmod(self.consumed, self.steps_per_epoch)
+        self.consumed += 1
+        return self._packed(epoch)[offset]
+
+    def state_dict(self) -> dict:
+        return {"states": len(self.groups), "seed": self.seed, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["states"], state["seed"]) != (len(self.groups), self.seed):
+            raise ValueError(f"data order mismatch: checkpoint has {state['states']} states seed={state['seed']}")
+        self.consumed = int(state["consumed"])
+
+
+def tokenize_actions(records: list[dict], tokenizer, max_seq_len: int, source: str = "data") -> list[dict]:
+    """Token records `{"ids", "mask", "state", "advantage", "ref_logp"}` (mask: the action's tokens)."""
+    out = []
+    for index, record in enumerate(records):
+        state = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+        action = tokenizer(record["action"], add_special_tokens=False)["input_ids"]
+        if record.get("ends"):
+            action = action + [tokenizer.eos_token_id]
+        ids = state + action
+        if len(ids) > max_seq_len + 1:
+            raise DataError(f"{source}: record {index}: {len(ids)} tokens exceed model.max_seq_len={max_seq_len}")
+        out.append({"ids": ids, "mask": [0] * len(state) + [1] * len(action), "state": str(record["state_id"]),
+                    "advantage": float(record["advantage"]), "ref_logp": float(record["ref_logp"])})
+    return out
+
+
+class ActionBatches:
+    """This DP rank's micro-batches of a state-wise global batch (normaliser: real actions)."""
+
+    def __init__(self, sequences: list[dict], pad_id: int, max_seq_len: int, micro_batch_size: int):
+        self.sequences = sequences
+        self.pad_id = pad_id
+        self.max_seq_len = max_seq_len
+        self.micro_batch_size = micro_batch_size
+        self._padding = {"ids": [pad_id, pad_id], "mask": [0, 0], "advantage": 0.0, "ref_logp": 0.0}
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def make_order(self, global_batch_size: int, seed: int) -> StatewiseOrder:
+        groups: dict[str, list[int]] = {}
+        for index, sequence in enumerate(self.sequences):
+            groups.setdefault(sequence["state"], []).append(index)
+        return StatewiseOrder(list(groups.values()), global_batch_size, seed)
+
+    def _get(self, index: int) -> dict:
+        return self._padding if index == PAD_INDEX else self.sequences[index]
+
+    def tokens(self, indices: list[int]) -> int:
+        return sum(len(self.sequences[i]["ids"]) - 1 for i in indices if i != PAD_INDEX)
+
+    def micro_batches(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
+        chosen = [self._get(i) for i in indices]
+        length = pad_length([len(s["ids"]) - 1 for s in chosen], self.max_seq_len)
+        mine = [self._get(i) for i in dp_slice(indices, dp_rank, dp_size)]
+        batch = collate_sft(mine, length, self.pad_id)
+        batch["advantage"] = torch.tensor([s["advantage"] for s in mine])
+        batch["ref_logp"] = torch.tensor([s["ref_logp"] for s in mine])
+        batch["normalizer"] = torch.tensor(float(max(1, sum(i != PAD_INDEX for i in indices))))
+        return split_micro_batches(batch, self.micro_batch_size)
