@@ -102,6 +102,30 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
+def _critic_train() -> TrainConfig:
+    """Paper §3.2 / §4.1: BCE on MC values, one epoch, lr 5e-6, global batch 512."""
+    return TrainConfig(loss="critic_bce", global_batch_size=512, micro_batch_size=4, epochs=1.0,
+                       optim=OptimConfig(lr=5e-6, schedule="constant", warmup_fraction=0.0))
+
+
+def _policy_train() -> TrainConfig:
+    """Paper §4.1: skywork_dapo, beta 0.01, lr 5e-7, global batch 2048."""
+    return TrainConfig(loss="skywork_dapo", loss_args={"beta": 0.01}, global_batch_size=2048, micro_batch_size=4,
+                       epochs=1.0, optim=OptimConfig(lr=5e-7, schedule="constant", warmup_fraction=0.0))
+
+
+@dataclass
+class SkyworkDAPOConfig:
+    """Data side of Skywork DAPO (paper §4.1); the critic and policy train sections sit beside it."""
+
+    select_k: int = 6  # solutions kept per problem, balanced correct / wrong
+    separator: str = "\n"  # step separator; empty steps are dropped
+    completions: int = 16  # m rollouts per state for its MC value
+    completion_temperature: float = 1.0  # the completer samples pi_ref itself
+    advantage_gap: float = 0.1  # delta: keep states with max A - min A >= delta
+    critic_holdout: float = 0.1  # fraction of problems whose states only evaluate the critic
+
+
 @dataclass
 class SamplingConfig:
     backend: str = "hf"  # hf | vllm
@@ -127,5 +151,8 @@ class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sft: TrainConfig = field(default_factory=TrainConfig)
+    skywork_dapo: SkyworkDAPOConfig = field(default_factory=SkyworkDAPOConfig)
+    critic: TrainConfig = field(default_factory=_critic_train)
+    policy: TrainConfig = field(default_factory=_policy_train)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from stepwise.config import load_recipe
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -31,10 +33,16 @@ def test_smoke_recipe_runs_every_stage_and_skips_them_on_rerun(tmp_path):
     assert base["problems"] == 64 and 0 <= base["accuracy"] <= 1
     assert report["stages"]["grade"]["samples"] == 16
     assert (run_dir / "export" / "policy" / "model.safetensors").is_file()
-    for stage in ("data", "tokenizer", "init", "sft", "export", "sample", "grade", "eval", "report"):
+    stages = load_recipe(REPO / "recipes/tiny/smoke.yaml").run.stages
+    assert {"select", "segment", "complete", "critic", "advantage", "policy", "dapo_eval"} <= set(stages)
+    for stage in stages:
         assert json.loads((run_dir / stage / "manifest.json").read_text())["stage"] == stage
+    assert report["stages"]["dapo_eval"]["iteration_1"]["problems"] == 64
+    assert report["stages"]["critic"]["train"]["states"] > 0
+    assert (run_dir / "dapo_eval" / "policy" / "model.safetensors").is_file()
+    assert "| iteration_1 | 64 |" in (run_dir / "report.md").read_text()
     second = stepwise("run", "recipes/tiny/smoke.yaml", f"run.dir={run_dir}")
-    assert second.stdout.count("up to date, skipped") == 9
+    assert second.stdout.count("up to date, skipped") == len(stages)
 
 
 def test_bad_override_fails_before_any_work(tmp_path):

@@ -1,2 +1,2 @@
 """Built-in stages; importing this package registers them."""
-from stepwise.pipeline.stages import data, model, report, sampling  # noqa: F401
+from stepwise.pipeline.stages import dapo_data, dapo_train, data, model, report, sampling  # noqa: F401

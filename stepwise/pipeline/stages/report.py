@@ -14,7 +14,8 @@ def _markdown(ctx: StageContext, report: dict) -> str:
     lines = [f"# stepwise report: {config.run.name}", "",
              f"Run directory: `{ctx.run_dir}`; task `{config.task.name}`; layout TP={config.parallel.tp} "
              f"PP={config.parallel.pp} x {config.parallel.world_size} processes.", ""]
-    evals = report["stages"].get("eval", {})
+    evals = dict(report["stages"].get("eval", {}))
+    evals.update({k: v for k, v in report["stages"].get("dapo_eval", {}).items() if isinstance(v, dict)})
     if evals:
         lines += ["## Greedy accuracy on held-out problems", "", "| policy | problems | correct | accuracy |",
                   "|---|---|---|---|"]
@@ -30,9 +31,30 @@ def _markdown(ctx: StageContext, report: dict) -> str:
     if sft:
         lines += ["## SFT", "", f"- steps: {sft.get('step')}, final loss {sft.get('loss', float('nan')):.4f}, "
                   f"{sft.get('tokens_per_s', 0):,.0f} tokens/s", ""]
+    lines += _critic_lines(report["stages"].get("critic", {}), report["stages"].get("advantage", {}))
     lines += ["## Stages", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {report['seconds'].get(name, 0):.1f} |" for name in report["seconds"]]
     return "\n".join(lines) + "\n"
+
+
+def _critic_lines(critic: dict, advantage: dict) -> list[str]:
+    if not critic:
+        return []
+    lines = ["## Critic (V vs Monte-Carlo values)", "", "| states | corr | BCE | BCE of constant |", "|---|---|---|---|"]
+    for split in ("train", "held_out"):
+        row = critic.get(split)
+        if row and row.get("states"):
+            lines.append(f"| {split}: {row['states']} | {row['corr']:.3f} | {row['bce']:.4f} | {row['bce_constant']:.4f} |")
+    held = critic.get("held_out") or critic.get("train") or {}
+    if held.get("calibration"):
+        lines += ["", "Calibration (held-out when available): mean predicted V vs mean MC per bin of V", "",
+                  "| V bin | states | mean V | mean MC |", "|---|---|---|---|"]
+        lines += [f"| {b['bin']} | {b['states']} | {b['mean_v']:.3f} | {b['mean_mc']:.3f} |" for b in held["calibration"]]
+    if advantage:
+        lines += ["", f"Advantage data: {advantage['actions']} unique actions from {advantage['states_kept']} of "
+                      f"{advantage['states']} states (gap >= delta); mean gap {advantage['mean_gap']:.3f}; "
+                      f"{advantage['positive_actions']} with positive advantage."]
+    return lines + [""]
 
 
 @stage("report", depends=("*",), config_keys=("run.name",))

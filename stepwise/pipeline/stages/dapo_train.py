@@ -1,0 +1,156 @@
+"""Skywork DAPO model stages: `critic` (BCE on MC values, held-out report), `advantage` (critic
+advantages of unique next steps, gap filter, reference log-probs), `policy` (the skywork_dapo loss
+from pi_ref), and `dapo_eval` (export + greedy accuracy of the new policy)."""
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+from pathlib import Path
+
+from stepwise.data.jsonl import read_jsonl, write_jsonl
+from stepwise.pipeline.context import StageContext
+from stepwise.pipeline.launch import launch
+from stepwise.pipeline.registry import stage
+from stepwise.pipeline.stages.data import tokenizer_dir
+from stepwise.pipeline.stages.dapo_data import split_steps, state_id
+from stepwise.pipeline.stages.model import last_metrics, train_section
+from stepwise.pipeline.stages.sampling import greedy_accuracy
+
+CALIBRATION_BINS = 5
+
+
+def held_out(problem_id: str, fraction: float) -> bool:
+    return int(hashlib.sha1(problem_id.encode()).hexdigest()[:8], 16) / 16**8 < fraction
+
+
+def score(ctx: StageContext, checkpoint: str | Path, kind: str, records: list[dict], name: str) -> list[dict]:
+    """Forward-only scores of `records` by the workers (see `stepwise.train.score`)."""
+    from stepwise.train.score import read_scores
+
+    out = ctx.dir(name.split("/")[0]) / (name.split("/")[-1] + "_scores")
+    shutil.rmtree(out, ignore_errors=True)
+    data = out.with_suffix(".jsonl")
+    write_jsonl(data, records)
+    launch(ctx.config.parallel, "stepwise.train.score",
+           ["--recipe", str(ctx.resolved_recipe), "--ckpt", str(checkpoint), "--kind", kind, "--data", str(data),
+            "--tokenizer", tokenizer_dir(ctx), "--out", str(out)])
+    return read_scores(out)
+
+
+def _critic_records(ctx: StageContext, holdout: bool) -> list[dict]:
+    mc = {row["state_id"]: row["mc"] for row in read_jsonl(ctx.run_dir / "complete" / "mc.jsonl")}
+    fraction = ctx.config.skywork_dapo.critic_holdout
+    return [{"prompt": s["prompt"], "steps": s["steps"], "mc": [mc[i] for i in s["state_ids"]]}
+            for s in read_jsonl(ctx.run_dir / "segment" / "solutions.jsonl")
+            if held_out(s["id"], fraction) == holdout and s["state_ids"]]
+
+
+def critic_report(predicted: list[float], targets: list[float]) -> dict:
+    """Correlation with MC, BCE against the constant predictor, calibration per bin of prediction."""
+    n = len(targets)
+    if n == 0:
+        return {"states": 0}
+    mean_t, mean_p = sum(targets) / n, sum(predicted) / n
+    cov = sum((p - mean_p) * (t - mean_t) for p, t in zip(predicted, targets))
+    spread = math.sqrt(sum((p - mean_p) ** 2 for p in predicted) * sum((t - mean_t) ** 2 for t in targets))
+
+    def bce(ps):
+        return -sum(t * math.log(min(max(p, 1e-6), 1 - 1e-6)) + (1 - t) * math.log(min(max(1 - p, 1e-6), 1 - 1e-6))
+                    for p, t in zip(ps, targets)) / n
+
+    bins = []
+    for b in range(CALIBRATION_BINS):
+        members = [(p, t) for p, t in zip(predicted, targets) if b / CALIBRATION_BINS <= p < (b + 1) / CALIBRATION_BINS or (b == CALIBRATION_BINS - 1 and p == 1.0)]
+        if members:
+            bins.append({"bin": f"{b / CALIBRATION_BINS:.1f}-{(b + 1) / CALIBRATION_BINS:.1f}", "states": len(members),
+                         "mean_v": sum(p for p, _ in members) / len(members), "mean_mc": sum(t for _, t in members) / len(members)})
+    return {"states": n, "corr": cov / spread if spread > 0 else 0.0, "bce": bce(predicted),
+            "bce_constant": bce([mean_t] * n), "calibration": bins}
+
+
+@stage("critic", depends=("complete", "sft"), config_keys=("critic", "model", "parallel", "skywork_dapo.critic_holdout"))
+def critic(ctx: StageContext) -> dict:
+    train = _critic_records(ctx, holdout=False)
+    write_jsonl(ctx.dir("critic") / "train.jsonl", train)
+    checkpoints = train_section(ctx, "critic", ctx.run_dir / "critic" / "train.jsonl", ctx.summary("sft")["checkpoints"])
+    summary = {"checkpoints": str(checkpoints), "final": last_metrics(checkpoints)}
+    for split, records in (("train", train), ("held_out", _critic_records(ctx, holdout=True))):
+        if records:
+            scores = score(ctx, checkpoints, "critic", records, f"critic/{split}")
+            predicted = [v for row in scores for v in row["values"]]
+            summary[split] = critic_report(predicted, [v for r in records for v in r["mc"]])
+    return summary
+
+
+def _actions_per_state(ctx: StageContext) -> dict[str, list[dict]]:
+    separator = ctx.config.skywork_dapo.separator
+    actions: dict[str, list[dict]] = {}
+    for record in read_jsonl(ctx.run_dir / "complete" / "completions.jsonl"):
+        steps = split_steps(record["response"], separator)
+        if not steps:
+            continue
+        ends = len(steps) == 1
+        actions.setdefault(record["state_id"], []).append({
+            "state_id": record["state_id"], "prompt": record["prompt"], "step": steps[0], "ends": ends,
+            "action": steps[0] if ends else steps[0] + separator, "correct": record["correct"]})
+    return actions
+
+
+def assign_values(actions: list[dict], critic_values, reward) -> None:
+    """V of each next state: the graded reward when the action ends the solution, else the next
+    critic value (in order)."""
+    for action in actions:
+        action["value"] = reward(action) if action["ends"] else next(critic_values)
+
+
+def state_advantages(actions: list[dict], min_gap: float) -> tuple[list[dict], float]:
+    """Paper eq. 3.7 on one state: A(s, a_i) = V(f(s, a_i)) - mean_j V(f(s, a_j)) over all M sampled
+    actions (the baseline estimates V(s) under pi_ref); returns the unique actions (first occurrence)
+    with their advantage, or none when the state's gap max A - min A is below `min_gap`; and the gap."""
+    baseline = sum(a["value"] for a in actions) / len(actions)
+    unique = list({a["action"]: a for a in reversed(actions)}.values())[::-1]
+    gap = max(a["value"] for a in unique) - min(a["value"] for a in unique)
+    if gap < min_gap:
+        return [], gap
+    return [{**a, "advantage": a["value"] - baseline} for a in unique], gap
+
+
+@stage("advantage", depends=("critic", "complete"), config_keys=("skywork_dapo", "task.name"))
+def advantage(ctx: StageContext) -> dict:
+    from stepwise.tasks.grading import grade
+
+    per_state = _actions_per_state(ctx)
+    answers = {row["state_id"]: row["answer"] for row in read_jsonl(ctx.run_dir / "segment" / "states.jsonl")}
+    to_value = [{"prompt": a["prompt"] + a["action"], "steps": [], "mc": [0.0]}
+                for actions in per_state.values() for a in actions if not a["ends"]]
+    values = iter(row["values"][0] for row in score(ctx, ctx.summary("critic")["checkpoints"], "critic", to_value, "advantage/next"))
+    kept, gaps = [], []
+    for sid, actions in per_state.items():
+        assign_values(actions, values, lambda a: float(grade(ctx.config.task.name, a["step"], answers[sid])))
+        chosen, gap = state_advantages(actions, ctx.config.skywork_dapo.advantage_gap)
+        kept += chosen
+        gaps.append(gap)
+    reference = score(ctx, ctx.summary("sft")["checkpoints"], "policy",
+                      [{**a, "ref_logp": 0.0} for a in kept], "advantage/reference") if kept else []
+    rows = [{"state_id": a["state_id"], "prompt": a["prompt"], "action": a["action"], "ends": a["ends"],
+             "advantage": a["advantage"], "ref_logp": r["logp"]} for a, r in zip(kept, reference)]
+    write_jsonl(ctx.dir("advantage") / "actions.jsonl", rows)
+    return {"states": len(per_state), "states_kept": len({r["state_id"] for r in rows}), "actions": len(rows),
+            "mean_gap": sum(gaps) / max(1, len(gaps)),
+            "positive_actions": sum(r["advantage"] > 0 for r in rows)}
+
+
+@stage("policy", depends=("advantage", "sft"), config_keys=("policy", "model", "parallel", "run.seed"))
+def policy(ctx: StageContext) -> dict:
+    checkpoints = train_section(ctx, "policy", ctx.run_dir / "advantage" / "actions.jsonl", ctx.summary("sft")["checkpoints"])
+    return {"checkpoints": str(checkpoints), "final": last_metrics(checkpoints)}
+
+
+@stage("dapo_eval", depends=("policy", "data"), config_keys=("eval",))
+def dapo_eval(ctx: StageContext) -> dict:
+    from stepwise.convert.megatron_to_hf import convert_megatron_to_hf
+
+    out = ctx.dir("dapo_eval") / "policy"
+    convert_megatron_to_hf(ctx.summary("policy")["checkpoints"], out)
+    return {"policy": str(out), "iteration_1": greedy_accuracy(ctx, str(out), "iteration_1")}

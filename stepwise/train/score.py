@@ -1,0 +1,106 @@
+"""Forward-only scoring at any TP/PP/DP, one process per GPU (launched like the training workers).
+
+    python -m stepwise.train.score --recipe R.yaml --ckpt CKPT --kind critic|policy --data D.jsonl \
+        --tokenizer DIR --out DIR
+
+`critic`: records `{"prompt", "steps", "mc"}` (as for critic training; `mc` only sizes the output)
+-> `values`: sigmoid(head) at the end of each state. `policy`: action records (as for
+`skywork_dapo`) -> `logp`: log pi(action | state), summed over the action's tokens. Each DP group
+scores a contiguous slice and writes `OUT/part_<dp>.jsonl` (`{"index", ...}`); `read_scores` merges.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device) -> list[list[float]]:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from stepwise.train.logprobs import token_logprobs
+
+    results: list[list[float]] = []
+
+    def forward_step(data_iterator, model):
+        batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+        output = model(batch["input_ids"], batch["position_ids"], None)
+
+        def collect(logits):
+            if kind == "critic":
+                values = torch.sigmoid(logits.squeeze(-1).float())
+                mask = batch["value_mask"].bool()
+                results.extend([values[row][mask[row]].tolist() for row in range(values.shape[0])])
+            else:
+                logp = (token_logprobs(logits, batch["labels"], vocab) * batch["loss_mask"]).sum(dim=1)
+                results.extend([[v] for v in logp.tolist()])
+            return torch.zeros((), device=device), torch.ones((), dtype=torch.int, device=device), {}
+
+        return output, collect
+
+    with torch.no_grad():
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches),
+                                    model=[engine_model], num_microbatches=len(micro_batches),
+                                    seq_length=micro_batches[0]["input_ids"].shape[1],
+                                    micro_batch_size=micro_batches[0]["input_ids"].shape[0], forward_only=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name in ("--recipe", "--ckpt", "--data", "--tokenizer", "--out"):
+        parser.add_argument(name, required=True)
+    parser.add_argument("--kind", choices=["critic", "policy"], required=True)
+    parser.add_argument("--micro-batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    from stepwise.checkpoint import layout as ckpt_layout
+    from stepwise.checkpoint.state import load_checkpoint
+    from stepwise.config.loader import load_resolved
+    from stepwise.data.jsonl import read_jsonl, write_jsonl
+    from stepwise.models.builder import build_gpt_model
+    from stepwise.models.critic import build_critic_model
+    from stepwise.models.hf_config import arch_from_hf
+    from stepwise.parallel.runtime import init_parallel, shutdown
+    from stepwise.tasks.tokenizer import load_tokenizer
+    from stepwise.train.batches import dp_slice
+    from stepwise.train.engine import engine_options
+    from stepwise.train.worker import build_batches
+
+    config = load_resolved(Path(args.recipe).read_text())
+    layout = init_parallel(config.parallel.tp, config.parallel.pp, seed=config.run.seed)
+    arch = arch_from_hf(ckpt_layout.hf_metadata_dir(args.ckpt))
+    builder = build_critic_model if args.kind == "critic" else build_gpt_model
+    model = builder(arch, engine_options(config.model, config.parallel), max_seq_len=config.model.max_seq_len)
+    load_checkpoint(args.ckpt, model)
+    model.eval()
+    records = read_jsonl(args.data)
+    config.sft.micro_batch_size = args.micro_batch_size
+    kind = "values" if args.kind == "critic" else "action"
+    batches = build_batches(kind, records, load_tokenizer(args.tokenizer), config, config.sft, args.data)
+    mine = dp_slice(list(range(len(records))), layout.dp_rank, layout.dp)
+    mine += list(range(len(records)))[len(mine) * layout.dp :] if layout.dp_rank == layout.dp - 1 else []
+    scores: list[list[float]] = []
+    for start in range(0, len(mine), args.micro_batch_size):
+        chunk = mine[start : start + args.micro_batch_size]
+        scores += _score_batches(model, batches.micro_batches(chunk, 0, 1), args.kind, arch.vocab_size, layout.device)
+    if layout.is_last_stage and layout.tp_rank == 0:
+        key = "values" if args.kind == "critic" else "logp"
+        rows = [{"index": i, key: s if args.kind == "critic" else s[0]} for i, s in zip(mine, scores)]
+        write_jsonl(Path(args.out) / f"part_{layout.dp_rank:04d}.jsonl", rows)
+    shutdown()
+    return 0
+
+
+def read_scores(out_dir: str | Path) -> list[dict]:
+    """All parts of a scoring run, in record order."""
+    from stepwise.data.jsonl import read_jsonl
+
+    rows = [row for part in sorted(Path(out_dir).glob("part_*.jsonl")) for row in read_jsonl(part)]
+    return sorted(rows, key=lambda row: row["index"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

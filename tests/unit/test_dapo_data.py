@@ -1,0 +1,58 @@
+"""Skywork DAPO data logic: balanced selection, step segmentation, advantages (terminal rewards,
+unique actions, gap filter), held-out split and the critic report."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from stepwise.pipeline.stages.dapo_data import balanced_pick, split_steps, state_id
+from stepwise.pipeline.stages.dapo_train import critic_report, held_out, state_advantages
+
+
+def test_balanced_pick_takes_half_and_half_and_fills_from_the_larger_side():
+    rng = random.Random(0)
+    picked = balanced_pick(list(range(10)), [-1, -2, -3, -4, -5], 6, rng)
+    assert sum(p >= 0 for p in picked) == 3 and len(picked) == 6
+    picked = balanced_pick(list(range(10)), [-1], 6, rng)
+    assert sum(p < 0 for p in picked) == 1 and len(picked) == 6
+    assert balanced_pick([1, 2], [], 6, rng) == [1, 2] or sorted(balanced_pick([1, 2], [], 6, rng)) == [1, 2]
+
+
+def test_split_steps_drops_empty_lines():
+    assert split_steps("1+1=2\n\n2*3=6\nA: 6\n", "\n") == ["1+1=2", "2*3=6", "A: 6"]
+    assert state_id("a") != state_id("b") and state_id("a") == state_id("a")
+
+
+def test_advantages_use_the_mean_over_all_samples_and_keep_unique_actions():
+    actions = [{"action": "x", "value": 1.0}, {"action": "x", "value": 1.0}, {"action": "y", "value": 0.0},
+               {"action": "z", "value": 0.25}]
+    kept, gap = state_advantages(actions, 0.1)
+    assert gap == 1.0 and [a["action"] for a in kept] == ["x", "y", "z"]
+    baseline = (1 + 1 + 0 + 0.25) / 4
+    assert [a["advantage"] for a in kept] == pytest.approx([1 - baseline, -baseline, 0.25 - baseline])
+
+
+def test_states_with_a_small_gap_are_dropped():
+    kept, gap = state_advantages([{"action": "x", "value": 0.5}, {"action": "y", "value": 0.55}], 0.1)
+    assert kept == [] and gap == pytest.approx(0.05)
+
+
+def test_held_out_split_is_stable_and_roughly_sized():
+    ids = [f"p{i}" for i in range(2000)]
+    share = sum(held_out(i, 0.1) for i in ids) / len(ids)
+    assert 0.07 < share < 0.13 and held_out("p1", 0.1) == held_out("p1", 0.1)
+
+
+def test_critic_report_correlation_and_constant_baseline():
+    report = critic_report([0.1, 0.2, 0.8, 0.9], [0.0, 0.25, 0.75, 1.0])
+    assert report["corr"] > 0.95 and report["bce"] < report["bce_constant"]
+    assert sum(b["states"] for b in report["calibration"]) == 4
+
+
+def test_terminal_actions_take_the_reward_and_others_the_critic():
+    from stepwise.pipeline.stages.dapo_train import assign_values
+
+    actions = [{"ends": False}, {"ends": True, "step": "A: 3"}, {"ends": False}]
+    assign_values(actions, iter([0.4, 0.7]), lambda a: 1.0 if a["step"] == "A: 3" else 0.0)
+    assert [a["value"] for a in actions] == [0.4, 1.0, 0.7]
