@@ -1,6 +1,11 @@
-"""Run a recipe's stages in order, skipping those whose manifest key matches."""
+"""Run a recipe's stages in order, skipping those whose manifest key matches.
+
+A stage whose manifest exists under another key (config or inputs changed) starts from an empty
+directory; a stage without a manifest (killed midway) keeps its partial outputs to resume from.
+"""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -43,6 +48,8 @@ def run_pipeline(config: RecipeConfig, only: list[str] | None = None, force: boo
             continue
         if not selected:
             raise RuntimeError(f"stage '{name}' is out of date but not selected; run it first")
+        if previous is not None:  # finished under another config or inputs: its outputs are stale
+            shutil.rmtree(run_dir / name, ignore_errors=True)
         print(f"[stepwise] {name}: running", flush=True)
         began = time.perf_counter()
         summary = stage.run(ctx) or {}
