@@ -1,10 +1,11 @@
-"""A session-wide local Slurm cluster for the tests of slurm/ (skipped only without root or apt-get)."""
+"""A session-wide local Slurm cluster for the tests of slurm/ (skipped only without root or apt-get).
+The state directory is fixed (STEPWISE_SLURM_STATE, default /tmp/stepwise-slurm) so a crashed run's
+daemons are found again by their pid files instead of blocking the ports."""
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,15 +14,16 @@ SCRIPT = Path(__file__).with_name("local_cluster.sh")
 
 
 @pytest.fixture(scope="session")
-def slurm_env():
+def slurm_env() -> dict[str, str]:
+    """The environment for Slurm client commands (SLURM_CONF set) while the local cluster is up."""
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        reason = "local Slurm needs root and apt-get to install slurm-wlm + munge"
+        reason = "local Slurm needs root and apt-get (to install slurm-wlm + munge)"
         print(f"SKIP slurm tests: {reason}")
         pytest.skip(reason)
-    state = Path(tempfile.mkdtemp(prefix="stepwise-slurm-"))
+    state = Path(os.environ.get("STEPWISE_SLURM_STATE", "/tmp/stepwise-slurm"))
     started = subprocess.run(["bash", str(SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=900)
     if started.returncode != 0:
-        raise RuntimeError(f"local Slurm did not start:\n{started.stdout}\n{started.stderr}")
-    env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"))
-    yield env
+        pytest.fail(f"local Slurm did not start (exit {started.returncode}):\n{started.stdout}\n{started.stderr}",
+                    pytrace=False)
+    yield dict(os.environ, SLURM_CONF=str(state / "slurm.conf"))
     subprocess.run(["bash", str(SCRIPT), "stop", str(state)], capture_output=True, timeout=60)
