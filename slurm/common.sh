@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
-# Sourced by every stepwise sbatch script: strict mode, repo root, Python environment, rendezvous
-# address, a one-line layout summary, and `run_stepwise` (runs a recipe, keeps its exit code).
+# Sourced by every stepwise sbatch script: strict mode, repo root, Python environment, default env,
+# rendezvous address, a one-line layout summary, and `run_stepwise` (runs $RECIPE, keeps its exit code).
+# Set GPUS_PER_NODE before sourcing to override the default (SLURM_GPUS_ON_NODE, else 8; 0 = CPU).
 set -euo pipefail
 
 stepwise_root() {
     # sbatch runs a spooled copy of the script, so its own path is no guide: prefer STEPWISE_ROOT,
-    # then the submit directory if it is a stepwise checkout.
+    # then the submit directory if it is a stepwise checkout, then this file's location.
     if [[ -n "${STEPWISE_ROOT:-}" ]]; then echo "$STEPWISE_ROOT"; return; fi
-    if [[ -n "${SLURM_SUBMIT_DIR:-}" && -f "${SLURM_SUBMIT_DIR}/pyproject.toml" && -d "${SLURM_SUBMIT_DIR}/stepwise" ]]; then
+    if [[ -n "${SLURM_SUBMIT_DIR:-}" && -f "$SLURM_SUBMIT_DIR/pyproject.toml" && -d "$SLURM_SUBMIT_DIR/stepwise" ]]; then
         echo "$SLURM_SUBMIT_DIR"; return
     fi
     cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd
 }
 
 activate_python() {
-    # The repo's .venv when present (make install), else the python3 on PATH (an NGC container).
+    # The repo's .venv when present (make install), else python3 on PATH (an NGC container).
     if [[ -f "$STEPWISE_ROOT/.venv/bin/activate" ]]; then
         # shellcheck disable=SC1091
         source "$STEPWISE_ROOT/.venv/bin/activate"
     fi
-    command -v stepwise >/dev/null || { echo "[stepwise] error: 'stepwise' not on PATH (run make install)" >&2; exit 2; }
+    if command -v stepwise >/dev/null; then
+        STEPWISE_CMD=(stepwise)
+    else
+        export PYTHONPATH="$STEPWISE_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+        STEPWISE_CMD=(python3 -m stepwise.cli)
+    fi
 }
 
 export_defaults() {
@@ -28,7 +34,7 @@ export_defaults() {
     export TOKENIZERS_PARALLELISM=false
     export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
-    export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::UserWarning,ignore::FutureWarning}"
+    export PYTHONUNBUFFERED=1
 }
 
 export_rendezvous() {
@@ -42,14 +48,24 @@ export_rendezvous() {
 }
 
 print_layout() {
-    echo "[stepwise] layout: job=${SLURM_JOB_ID:-none} nodes=$NNODES gpus_per_node=$GPUS_PER_NODE" \
-         "cpus_per_task=${SLURM_CPUS_PER_TASK:-?} master=$MASTER_ADDR:$MASTER_PORT recipe=$RECIPE root=$STEPWISE_ROOT"
+    echo "[stepwise] layout: job=${SLURM_JOB_ID:-none} nodes=$NNODES (${SLURM_JOB_NODELIST:-local})" \
+         "gpus_per_node=$GPUS_PER_NODE cpus_per_task=${SLURM_CPUS_PER_TASK:-?} master=$MASTER_ADDR:$MASTER_PORT" \
+         "recipe=$RECIPE root=$STEPWISE_ROOT python=$(command -v python3)"
 }
 
 run_stepwise() {
-    # run_stepwise [key=value ...]: run $RECIPE from the repo root and return its exit code.
-    local status=0
-    (cd "$STEPWISE_ROOT" && stepwise run "$RECIPE" "$@") || status=$?
+    # run_stepwise [key=value ...]: run $RECIPE from the repo root; return its exit code. The run goes
+    # in the background so the USR1 warning (#SBATCH --signal=B:USR1@N) is logged while it runs.
+    local status=0 child
+    cd "$STEPWISE_ROOT"
+    "${STEPWISE_CMD[@]}" run "$RECIPE" "$@" &
+    child=$!
+    trap 'echo "[stepwise] USR1: the job time limit is near" >&2' USR1
+    while true; do
+        wait "$child" && status=0 || status=$?
+        kill -0 "$child" 2>/dev/null || break  # still alive: wait was only interrupted by a signal
+    done
+    trap - USR1
     echo "[stepwise] exit code: $status"
     return "$status"
 }

@@ -154,5 +154,6 @@ class RecipeConfig:
     skywork_dapo: SkyworkDAPOConfig = field(default_factory=SkyworkDAPOConfig)
     critic: TrainConfig = field(default_factory=_critic_train)
     policy: TrainConfig = field(default_factory=_policy_train)
+    rs: TrainConfig = field(default_factory=TrainConfig)  # ablation: SFT on correct samples, policy's step count
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

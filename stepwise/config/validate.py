@@ -91,5 +91,5 @@ def validate(config: RecipeConfig, source: str = "recipe") -> None:
     if config.model.path and config.model.hf_config:
         _fail(source, "model.path and model.hf_config are exclusive (a checkpoint brings its own config.json)")
     dp = _check_layout(config, source)
-    for section in ("sft", "critic", "policy"):
+    for section in ("sft", "critic", "policy", "rs"):
         check_train(getattr(config, section), section, dp, source)

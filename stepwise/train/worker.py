@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--init", required=True, help="checkpoint with the initial weights (and hf/config.json)")
     parser.add_argument("--out", required=True, help="checkpoint root to write (and resume from)")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the section's max_steps")
     args = parser.parse_args(argv)
 
     from stepwise import losses
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_resolved(Path(args.recipe).read_text())
     train = getattr(config, args.section)
+    if args.max_steps is not None:
+        train.max_steps = args.max_steps
     plugin = losses.get(train.loss)
     options = plugin.parse_options(train.loss_args)
     layout = init_parallel(config.parallel.tp, config.parallel.pp, seed=config.run.seed)

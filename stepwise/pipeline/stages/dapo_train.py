@@ -147,10 +147,29 @@ def policy(ctx: StageContext) -> dict:
     return {"checkpoints": str(checkpoints), "final": last_metrics(checkpoints)}
 
 
-@stage("dapo_eval", depends=("policy", "data"), config_keys=("eval",))
-def dapo_eval(ctx: StageContext) -> dict:
+def export_and_evaluate(ctx: StageContext, stage_name: str, checkpoints: str, name: str) -> dict:
     from stepwise.convert.megatron_to_hf import convert_megatron_to_hf
 
-    out = ctx.dir("dapo_eval") / "policy"
-    convert_megatron_to_hf(ctx.summary("policy")["checkpoints"], out)
-    return {"policy": str(out), "iteration_1": greedy_accuracy(ctx, str(out), "iteration_1")}
+    out = ctx.dir(stage_name) / name
+    convert_megatron_to_hf(checkpoints, out)
+    return {"policy": str(out), name: greedy_accuracy(ctx, str(out), name)}
+
+
+@stage("dapo_eval", depends=("policy", "data"), config_keys=("eval",))
+def dapo_eval(ctx: StageContext) -> dict:
+    return export_and_evaluate(ctx, "dapo_eval", ctx.summary("policy")["checkpoints"], "iteration_1")
+
+
+@stage("rs", depends=("grade", "policy", "sft"), config_keys=("rs", "eval", "model", "parallel"))
+def rs_baseline(ctx: StageContext) -> dict:
+    """Ablation: rejection sampling (SFT on pi0's correct samples) for as many steps as the policy."""
+    correct = [{"prompt": r["problem"], "response": r["response"]}
+               for r in read_jsonl(ctx.run_dir / "grade" / "graded.jsonl") if r["correct"]]
+    steps = int(ctx.summary("policy")["final"]["step"])
+    if len(correct) < ctx.config.rs.global_batch_size:
+        print(f"[stepwise] rs: {len(correct)} correct samples, fewer than one global batch: ablation skipped", flush=True)
+        return {"samples": len(correct), "steps": 0, "skipped": "fewer correct samples than one global batch"}
+    write_jsonl(ctx.dir("rs") / "correct.jsonl", correct)
+    checkpoints = train_section(ctx, "rs", ctx.run_dir / "rs" / "correct.jsonl", ctx.summary("sft")["checkpoints"],
+                                max_steps=steps)
+    return {"samples": len(correct), "steps": steps, **export_and_evaluate(ctx, "rs", str(checkpoints), "rs_same_steps")}

@@ -24,11 +24,13 @@ def init_model(ctx: StageContext) -> dict:
     return {"hf": str(source), "megatron": str(out / "megatron")}
 
 
-def train_section(ctx: StageContext, section: str, data: Path, init: str | Path) -> Path:
+def train_section(ctx: StageContext, section: str, data: Path, init: str | Path, max_steps: int | None = None) -> Path:
     """Run the workers of a train section; returns its checkpoint root."""
     out = ctx.dir(section) / "checkpoints"
     args = ["--recipe", str(ctx.resolved_recipe), "--section", section, "--data", str(data),
             "--tokenizer", tokenizer_dir(ctx), "--init", str(init), "--out", str(out)]
+    if max_steps is not None:
+        args += ["--max-steps", str(max_steps)]
     launch(ctx.config.parallel, "stepwise.train.worker", args)
     return out
 

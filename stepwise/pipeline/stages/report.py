@@ -15,7 +15,8 @@ def _markdown(ctx: StageContext, report: dict) -> str:
              f"Run directory: `{ctx.run_dir}`; task `{config.task.name}`; layout TP={config.parallel.tp} "
              f"PP={config.parallel.pp} x {config.parallel.world_size} processes.", ""]
     evals = dict(report["stages"].get("eval", {}))
-    evals.update({k: v for k, v in report["stages"].get("dapo_eval", {}).items() if isinstance(v, dict)})
+    for stage_name in ("dapo_eval", "rs"):
+        evals.update({k: v for k, v in report["stages"].get(stage_name, {}).items() if isinstance(v, dict)})
     if evals:
         lines += ["## Greedy accuracy on held-out problems", "", "| policy | problems | correct | accuracy |",
                   "|---|---|---|---|"]
