@@ -4,6 +4,7 @@
     stepwise stage NAME RECIPE.yaml [key=value ...] re-run one stage (its inputs must be finished)
     stepwise plan RECIPE.yaml [key=value ...]       validate and print the resolved recipe and stages
     stepwise convert hf-to-megatron|megatron-to-hf ARGS...
+    stepwise spread RUN_DIR RUN_DIR ... [--out FILE]  accuracy mean/std across seeds
 """
 from __future__ import annotations
 
@@ -38,9 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     convert = commands.add_parser("convert", help="HF <-> megatron checkpoint conversion")
     convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
     convert.add_argument("rest", nargs=argparse.REMAINDER)
+    spread = commands.add_parser("spread", help="accuracy spread across runs (seeds) of one recipe")
+    spread.add_argument("run_dirs", nargs="+")
+    spread.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
     from stepwise.config import ConfigError
+
+    if args.command == "spread":
+        from stepwise.pipeline.spread import main as spread_main
+
+        return spread_main(args.run_dirs, args.out)
 
     try:
         if args.command == "convert":
