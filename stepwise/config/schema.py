@@ -30,9 +30,14 @@ class ArithTaskConfig:
 @dataclass
 class TaskConfig:
     name: str = "arith"  # arith | gsm8k | math
-    n_train: int = 4000
+    n_train: int = 4000  # arith: problems generated; real tasks: at most this many read (0: all)
     n_test: int = 500
     arith: ArithTaskConfig = field(default_factory=ArithTaskConfig)
+    train_path: Optional[str] = None  # real tasks: JSONL or parquet (MATH, GSM8K or {"problem", "answer"})
+    test_path: Optional[str] = None
+    test_ids: Optional[str] = None  # file of ids selecting a test subset (MATH500)
+    format: Optional[str] = None  # math | gsm8k | generic; default: the task name
+    prompt_template: Optional[str] = None  # "{problem}" placeholder; default: the paper's CoT instruction
 
 
 @dataclass

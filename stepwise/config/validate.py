@@ -86,6 +86,12 @@ def validate(config: RecipeConfig, source: str = "recipe") -> None:
     _one_of(source, "parallel.launcher", config.parallel.launcher, LAUNCHERS)
     _one_of(source, "sampling.backend", config.sampling.backend, SAMPLING_BACKENDS)
     _one_of(source, "task.name", config.task.name, TASKS)
+    if config.task.name != "arith":
+        for key in ("train_path", "test_path"):
+            if not getattr(config.task, key):
+                _fail(source, f"task.{key} is required for task.name={config.task.name} (a JSONL or parquet file)")
+        if not (config.model.path or config.tokenizer.path):
+            _fail(source, f"task.name={config.task.name} needs model.path (or tokenizer.path) for the chat template")
     if config.tokenizer.path and not Path(config.tokenizer.path).is_dir():
         _fail(source, f"tokenizer.path={config.tokenizer.path}: no such directory")
     if config.model.path and config.model.hf_config:

@@ -9,6 +9,7 @@ from dataclasses import replace
 from stepwise.data.jsonl import read_jsonl, write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
+from stepwise.pipeline.stages.model import base_policy
 from stepwise.pipeline.stages.sampling import grade_records
 
 
@@ -64,7 +65,7 @@ def segment(ctx: StageContext) -> dict:
             "states": sum(len(s["state_ids"]) for s in solutions)}
 
 
-@stage("complete", depends=("segment", "export"),
+@stage("complete", depends=("segment", "export", "init"),
        config_keys=("skywork_dapo.completions", "skywork_dapo.completion_temperature", "sampling", "task.name"))
 def complete(ctx: StageContext) -> dict:
     from stepwise.sampling import make_sampler, read_shards, sample_to_shards
@@ -72,7 +73,7 @@ def complete(ctx: StageContext) -> dict:
     config, dapo = ctx.config, ctx.config.skywork_dapo
     states = read_jsonl(ctx.run_dir / "segment" / "states.jsonl")
     params = replace(config.sampling.params, n=dapo.completions, temperature=dapo.completion_temperature)
-    sampler = make_sampler(config.sampling.backend, ctx.summary("export")["policy"], batch_size=config.sampling.batch_size)
+    sampler = make_sampler(config.sampling.backend, base_policy(ctx)[1], batch_size=config.sampling.batch_size)
     sample_to_shards(sampler, states, "prompt", params, ctx.dir("complete") / "shards",
                      shard_size=config.sampling.shard_size, desc="complete")
     sampler.close()

@@ -14,7 +14,7 @@ from stepwise.pipeline.launch import launch
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.data import tokenizer_dir
 from stepwise.pipeline.stages.dapo_data import split_steps, state_id
-from stepwise.pipeline.stages.model import last_metrics, train_section
+from stepwise.pipeline.stages.model import base_policy, last_metrics, train_section
 from stepwise.pipeline.stages.sampling import greedy_accuracy
 
 CALIBRATION_BINS = 5
@@ -69,11 +69,11 @@ def critic_report(predicted: list[float], targets: list[float]) -> dict:
             "bce_constant": bce([mean_t] * n), "calibration": bins}
 
 
-@stage("critic", depends=("complete", "sft"), config_keys=("critic", "model", "parallel", "skywork_dapo.critic_holdout"))
+@stage("critic", depends=("complete", "sft", "init"), config_keys=("critic", "model", "parallel", "skywork_dapo.critic_holdout"))
 def critic(ctx: StageContext) -> dict:
     train = _critic_records(ctx, holdout=False)
     write_jsonl(ctx.dir("critic") / "train.jsonl", train)
-    checkpoints = train_section(ctx, "critic", ctx.run_dir / "critic" / "train.jsonl", ctx.summary("sft")["checkpoints"])
+    checkpoints = train_section(ctx, "critic", ctx.run_dir / "critic" / "train.jsonl", base_policy(ctx)[0])
     summary = {"checkpoints": str(checkpoints), "final": last_metrics(checkpoints)}
     for split, records in (("train", train), ("held_out", _critic_records(ctx, holdout=True))):
         if records:
@@ -131,7 +131,7 @@ def advantage(ctx: StageContext) -> dict:
         chosen, gap = state_advantages(actions, ctx.config.skywork_dapo.advantage_gap)
         kept += chosen
         gaps.append(gap)
-    reference = score(ctx, ctx.summary("sft")["checkpoints"], "policy",
+    reference = score(ctx, base_policy(ctx)[0], "policy",
                       [{**a, "ref_logp": 0.0} for a in kept], "advantage/reference") if kept else []
     rows = [{"state_id": a["state_id"], "prompt": a["prompt"], "action": a["action"], "ends": a["ends"],
              "advantage": a["advantage"], "ref_logp": r["logp"]} for a, r in zip(kept, reference)]
@@ -141,9 +141,9 @@ def advantage(ctx: StageContext) -> dict:
             "positive_actions": sum(r["advantage"] > 0 for r in rows)}
 
 
-@stage("policy", depends=("advantage", "sft"), config_keys=("policy", "model", "parallel", "run.seed"))
+@stage("policy", depends=("advantage", "sft", "init"), config_keys=("policy", "model", "parallel", "run.seed"))
 def policy(ctx: StageContext) -> dict:
-    checkpoints = train_section(ctx, "policy", ctx.run_dir / "advantage" / "actions.jsonl", ctx.summary("sft")["checkpoints"])
+    checkpoints = train_section(ctx, "policy", ctx.run_dir / "advantage" / "actions.jsonl", base_policy(ctx)[0])
     return {"checkpoints": str(checkpoints), "final": last_metrics(checkpoints)}
 
 
@@ -160,7 +160,7 @@ def dapo_eval(ctx: StageContext) -> dict:
     return export_and_evaluate(ctx, "dapo_eval", ctx.summary("policy")["checkpoints"], "iteration_1")
 
 
-@stage("rs", depends=("grade", "policy", "sft"), config_keys=("rs", "eval", "model", "parallel"))
+@stage("rs", depends=("grade", "policy", "sft", "init"), config_keys=("rs", "eval", "model", "parallel"))
 def rs_baseline(ctx: StageContext) -> dict:
     """Ablation: rejection sampling (SFT on pi0's correct samples) for as many steps as the policy."""
     correct = [{"prompt": r["problem"], "response": r["response"]}
@@ -170,6 +170,6 @@ def rs_baseline(ctx: StageContext) -> dict:
         print(f"[stepwise] rs: {len(correct)} correct samples, fewer than one global batch: ablation skipped", flush=True)
         return {"samples": len(correct), "steps": 0, "skipped": "fewer correct samples than one global batch"}
     write_jsonl(ctx.dir("rs") / "correct.jsonl", correct)
-    checkpoints = train_section(ctx, "rs", ctx.run_dir / "rs" / "correct.jsonl", ctx.summary("sft")["checkpoints"],
+    checkpoints = train_section(ctx, "rs", ctx.run_dir / "rs" / "correct.jsonl", base_policy(ctx)[0],
                                 max_steps=steps)
     return {"samples": len(correct), "steps": steps, **export_and_evaluate(ctx, "rs", str(checkpoints), "rs_same_steps")}

@@ -16,12 +16,30 @@ def arith_config(ctx: StageContext):
                        corrupt_rate=task.corrupt_rate, seed=ctx.config.run.seed)
 
 
+def _real_task(ctx: StageContext) -> dict:
+    """MATH / GSM8K / generic problems from the user's files, prompts rendered with the chat template."""
+    from stepwise.data.datasets import load_problems
+    from stepwise.tasks.prompts import render_prompt
+    from stepwise.tasks.tokenizer import load_tokenizer
+
+    task = ctx.config.task
+    tokenizer = load_tokenizer(ctx.config.tokenizer.path or ctx.config.model.path)
+    out = ctx.dir("data")
+    counts = {}
+    for split, path, limit, ids in (("train", task.train_path, task.n_train, None), ("test", task.test_path, task.n_test, task.test_ids)):
+        records = load_problems(path, task.format or task.name, id_list=ids)[: limit or None]
+        for record in records:
+            record["question"] = record["problem"]
+            record["problem"] = render_prompt(record["question"], task.name, tokenizer, task.prompt_template)
+        counts[split] = write_jsonl(out / f"{split}.jsonl", records)
+    return counts
+
+
 @stage("data", config_keys=("task", "run.seed"))
 def build_data(ctx: StageContext) -> dict:
     task = ctx.config.task
     if task.name != "arith":
-        raise NotImplementedError(f"task.name={task.name}: dataset loaders for real benchmarks come with the "
-                                  "Skywork DAPO issue; use task.name=arith")
+        return _real_task(ctx)
     from stepwise.tasks.arith import make_problems, make_sft_records
 
     config = arith_config(ctx)

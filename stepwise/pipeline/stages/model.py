@@ -42,6 +42,16 @@ def last_metrics(checkpoints: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
+def base_policy(ctx: StageContext) -> tuple[str, str]:
+    """(megatron checkpoint, HF directory) of pi0: the SFT result when the recipe trains one (the
+    embedded task), else the model the recipe starts from (`model.path`, converted by `init`)."""
+    from stepwise.pipeline.runner import stage_names
+
+    if "sft" in stage_names(ctx.config):
+        return ctx.summary("sft")["checkpoints"], ctx.summary("export")["policy"]
+    return ctx.summary("init")["megatron"], ctx.summary("init")["hf"]
+
+
 @stage("sft", depends=("data", "tokenizer", "init"), config_keys=("model", "parallel", "sft", "run.seed"))
 def sft(ctx: StageContext) -> dict:
     checkpoints = train_section(ctx, "sft", ctx.run_dir / "data" / "sft.jsonl", ctx.summary("init")["megatron"])

@@ -6,6 +6,7 @@ from stepwise.data.jsonl import read_jsonl, write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.data import problems
+from stepwise.pipeline.stages.model import base_policy
 
 
 def _sampler(ctx: StageContext, model_dir: str, batch_size: int):
@@ -20,14 +21,14 @@ def grade_records(task: str, records: list[dict]) -> list[dict]:
     return [{**r, "correct": bool(grade(task, r["response"], r["answer"]))} for r in records]
 
 
-@stage("sample", depends=("export", "data"), config_keys=("sampling", "run.seed"))
+@stage("sample", depends=("export", "init", "data"), config_keys=("sampling", "run.seed"))
 def sample(ctx: StageContext) -> dict:
     from stepwise.sampling import sample_to_shards
 
     config = ctx.config.sampling
     chosen = problems(ctx, "train")[: config.n_problems]
     params = config.params
-    sampler = _sampler(ctx, ctx.summary("export")["policy"], config.batch_size)
+    sampler = _sampler(ctx, base_policy(ctx)[1], config.batch_size)
     shards = sample_to_shards(sampler, chosen, "problem", params, ctx.dir("sample") / "shards",
                               shard_size=config.shard_size, desc="sample")
     sampler.close()
@@ -68,6 +69,6 @@ def greedy_accuracy(ctx: StageContext, model_dir: str, name: str) -> dict:
     return {"problems": len(graded), "correct": correct, "accuracy": correct / max(1, len(graded))}
 
 
-@stage("eval", depends=("export", "data"), config_keys=("eval",))
+@stage("eval", depends=("export", "init", "data"), config_keys=("eval",))
 def evaluate(ctx: StageContext) -> dict:
-    return {"base": greedy_accuracy(ctx, ctx.summary("export")["policy"], "base")}
+    return {"base": greedy_accuracy(ctx, base_policy(ctx)[1], "base")}

@@ -1,0 +1,60 @@
+"""Problem sets read from user-supplied files (no downloads): MATH, GSM8K and generic
+`{"problem", "answer"}` records, as JSONL or parquet, into `{"id", "problem", "answer"}`.
+
+MATH records carry `problem` + `solution` (the answer is the solution's last `\\boxed{}`; an optional
+`unique_id` names the record, and an id-list file selects a subset such as MATH500); GSM8K records
+carry `question` + `answer` (`... #### 42`). A record without an extractable answer is an error
+naming the file and line.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from stepwise.data.jsonl import DataError, iter_jsonl
+from stepwise.tasks.answers import gsm8k_answer, last_boxed
+
+FIELDS = {"math": {"problem": str, "solution": str}, "gsm8k": {"question": str, "answer": str},
+          "generic": {"problem": str, "answer": (str, int, float)}}
+
+
+def _rows(path: Path, required: dict) -> list[tuple[str, dict]]:
+    """(`path:line` or `path:row`, record) pairs from JSONL or parquet, with required fields checked."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as parquet
+        except ImportError:
+            raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert to JSONL") from None
+        rows = parquet.read_table(path).to_pylist()
+        for index, row in enumerate(rows, start=1):
+            for key in required:
+                if key not in row or row[key] in (None, ""):
+                    raise DataError(f"{path}:row {index}: missing key '{key}'")
+        return [(f"{path}:row {i}", row) for i, row in enumerate(rows, start=1)]
+    return [(f"{path}:{i}", row) for i, row in enumerate(iter_jsonl(path, required), start=1)]
+
+
+def load_problems(path: str | Path, kind: str, id_list: str | Path | None = None) -> list[dict]:
+    """Records `{"id", "problem", "answer"}` of a `kind` in {"math", "gsm8k", "generic"}."""
+    if kind not in FIELDS:
+        raise ValueError(f"dataset kind '{kind}' is not one of {sorted(FIELDS)}")
+    path = Path(path)
+    out = []
+    for where, row in _rows(path, FIELDS[kind]):
+        if kind == "math":
+            problem, answer = row["problem"], last_boxed(row["solution"])
+        elif kind == "gsm8k":
+            problem, answer = row["question"], gsm8k_answer(row["answer"])
+        else:
+            problem, answer = row["problem"], str(row["answer"])
+        if answer is None:
+            raise DataError(f"{where}: no final answer in the reference solution")
+        out.append({"id": str(row.get("unique_id") or row.get("id") or f"{path.stem}-{len(out)}"),
+                    "problem": problem, "answer": answer})
+    if id_list is not None:
+        wanted = [line.strip() for line in Path(id_list).read_text().splitlines() if line.strip()]
+        by_id = {r["id"]: r for r in out}
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            raise DataError(f"{id_list}: ids not found in {path}: {missing[:3]} ({len(missing)} in all)")
+        out = [by_id[i] for i in wanted]
+    return out
