@@ -145,7 +145,6 @@ class EvalConfig:
     n_problems: int = 500
     max_tokens: int = 64
     batch_size: int = 128
-    benchmarks: list[str] = field(default_factory=lambda: ["arith"])
 
 
 @dataclass

@@ -34,14 +34,13 @@ def spread_table(run_dirs: list[str | Path]) -> str:
     lines = ["| policy | mean | std | " + " | ".join(r for r, _ in runs) + " |",
              "|---|---|---|" + "---|" * len(runs)]
     for name in names + [f"{n} - base" for n in names if n != "base"]:
-        base_name = name.split(" - ")[0]
-        values = [rows[base_name] - rows["base"] if " - " in name else rows[name]
-                  for _, rows in runs if base_name in rows and "base" in rows]
-        if not values:
-            continue
+        policy = name.split(" - ")[0]
+        cells = [(rows[policy] - rows["base"] if " - " in name else rows[policy])
+                 if policy in rows and "base" in rows else None for _, rows in runs]
+        values = [v for v in cells if v is not None]
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         lines.append(f"| {name} | {statistics.mean(values):.3f} | {std:.3f} | "
-                     + " | ".join(f"{v:.3f}" for v in values) + " |")
+                     + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,11 +18,25 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def _fixture_for(recipe: Path) -> list[str]:
+    """Cluster recipes name /models/<Name>; on CI its published config.json stands in."""
+    import yaml
+
+    path = (yaml.safe_load(recipe.read_text()).get("model") or {}).get("path")
+    if not path or Path(path).exists():
+        return []
+    fixture = REPO / "tests/fixtures/configs" / f"{Path(path).name}.json"
+    assert fixture.is_file(), f"{recipe}: no fixture config for {path}"
+    return [f"model.path={fixture}"]
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(REPO)) for p in RECIPES])
 def test_every_recipe_loads_and_names_its_stages(recipe):
-    config = load_recipe(recipe)
+    config = load_recipe(recipe, _fixture_for(recipe))
     assert config.run.dir.endswith(recipe.stem)
     assert stage_names(config)
+    topology = f"{config.parallel.nnodes}n{config.parallel.nproc_per_node}g"
+    assert recipe.parent.name == "tiny" or topology in recipe.stem, "topology belongs in the file name"
 
 
 def test_defaults_are_inherited_and_recipe_overrides_them(tmp_path):

@@ -23,7 +23,7 @@ def _real_task(ctx: StageContext) -> dict:
     from stepwise.tasks.tokenizer import load_tokenizer
 
     task = ctx.config.task
-    tokenizer = load_tokenizer(ctx.config.tokenizer.path or ctx.config.model.path)
+    tokenizer = load_tokenizer(tokenizer_dir(ctx))
     out = ctx.dir("data")
     counts = {}
     for split, path, limit, ids in (("train", task.train_path, task.n_train, None), ("test", task.test_path, task.n_test, task.test_ids)):
@@ -56,17 +56,18 @@ def problems(ctx: StageContext, split: str) -> list[dict]:
     return read_jsonl(ctx.run_dir / "data" / f"{split}.jsonl", PROBLEM_FIELDS)
 
 
-def tokenizer_dir(ctx: StageContext):
-    return ctx.config.tokenizer.path or str(ctx.run_dir / "tokenizer")
+def tokenizer_dir(ctx: StageContext) -> str:
+    """The configured tokenizer, else the starting model's, else the one trained on the task corpus."""
+    return ctx.config.tokenizer.path or ctx.config.model.path or str(ctx.run_dir / "tokenizer")
 
 
-@stage("tokenizer", depends=("data",), config_keys=("tokenizer", "task"))
+@stage("tokenizer", depends=("data",), config_keys=("tokenizer", "task", "model.path"))
 def build_tokenizer(ctx: StageContext) -> dict:
     from stepwise.tasks.tokenizer import load_tokenizer, train_task_tokenizer
 
-    if ctx.config.tokenizer.path:
-        tokenizer = load_tokenizer(ctx.config.tokenizer.path)
-        return {"path": ctx.config.tokenizer.path, "vocab_size": len(tokenizer)}
+    if ctx.config.tokenizer.path or ctx.config.model.path:
+        path = tokenizer_dir(ctx)
+        return {"path": path, "vocab_size": len(load_tokenizer(path))}
     from stepwise.tasks.arith import corpus
 
     texts = corpus(arith_config(ctx)) + [r["prompt"] + r["response"] for r in read_jsonl(ctx.run_dir / "data" / "sft.jsonl")]
