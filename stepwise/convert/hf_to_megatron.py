@@ -21,6 +21,7 @@ from stepwise.convert.hf_io import read_hf_state, state_dtype
 from stepwise.convert.mapping import MappingError, hf_to_megatron_state
 from stepwise.convert.tables import rules_for
 from stepwise.models.builder import DTYPES, EngineOptions, build_gpt_model, padded_vocab_size
+from stepwise.models.critic import build_critic_model
 from stepwise.models.hf_config import arch_from_hf, load_hf_config
 
 
@@ -47,17 +48,19 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: str |
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     arch = arch_from_hf(hf_dir)
     state = read_hf_state(hf_dir)
-    if arch.tie_word_embeddings and "lm_head.weight" in state:
+    if arch.tie_word_embeddings and "lm_head.weight" in state and "score.weight" not in state:
         if not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
             raise MappingError(f"{hf_dir}: tie_word_embeddings is true but lm_head.weight differs from the embedding")
         del state["lm_head.weight"]
     dtype = dtype or state_dtype(state)
+    critic = "score.weight" in state  # a *ForTokenClassification value model
     init_parallel(1, 1)
     options = EngineOptions(dtype=dtype, use_te=False)
-    model = build_gpt_model(arch, options)
-    mapped = hf_to_megatron_state(rules_for(arch), state, arch, padded_vocab_size(arch.vocab_size, options))
+    model = (build_critic_model if critic else build_gpt_model)(arch, options)
+    mapped = hf_to_megatron_state(rules_for(arch, value_head=critic), state, arch, padded_vocab_size(arch.vocab_size, options))
     load_mapped_weights(model, {k: v.to(DTYPES[dtype]) for k, v in mapped.items()})
-    save_checkpoint(out_dir, 0, model, meta={"source": str(hf_dir), "dtype": dtype, "family": arch.family, "tp": 1, "pp": 1})
+    save_checkpoint(out_dir, 0, model, meta={"source": str(hf_dir), "dtype": dtype, "family": arch.family, "tp": 1, "pp": 1,
+                                             "model_kind": "critic" if critic else "policy"})
     save_hf_metadata(out_dir, load_hf_config(hf_dir), hf_dir)
     summary = {"tensors": len(state), "bytes": sum(t.numel() * t.element_size() for t in state.values()),
                "seconds": round(time.perf_counter() - began, 2), "dtype": dtype, "out": str(out_dir)}

@@ -1,6 +1,7 @@
-"""A megatron checkpoint (conversion or training, any TP/PP, with or without optimizer state) ->
-an HF directory: model.safetensors + config.json + tokenizer files + generation_config.json,
-loadable by `AutoModelForCausalLM` / `AutoTokenizer` and servable by vLLM.
+"""A megatron checkpoint (conversion or training, any TP/PP, with or without optimizer state; a
+policy or a critic) -> an HF directory: model.safetensors + config.json + tokenizer files + generation_config.json,
+loadable by `AutoModelForCausalLM` (a critic: `AutoModelForTokenClassification`, num_labels=1) /
+`AutoTokenizer` and servable by vLLM.
 
     python conversion/megatron_to_hf.py --ckpt DIR --out DIR
 """
@@ -21,6 +22,7 @@ from stepwise.convert.mapping import megatron_to_hf_state
 from stepwise.convert.tables import rules_for
 from stepwise.data.jsonl import atomic_write_json
 from stepwise.models.builder import DTYPES, EngineOptions, build_gpt_model
+from stepwise.models.critic import build_critic_model
 from stepwise.models.hf_config import arch_from_hf_dict
 
 
@@ -39,11 +41,12 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path) -> dict:
     arch = arch_from_hf_dict(hf_config, source=str(hf_meta / "config.json"))
     meta = layout.read_meta(layout.resolve(ckpt_dir))
     dtype = _saved_dtype(meta, hf_config)
+    critic = meta.get("model_kind") == "critic"
     init_parallel(1, 1)
-    model = build_gpt_model(arch, EngineOptions(dtype=dtype, use_te=False))
+    model = (build_critic_model if critic else build_gpt_model)(arch, EngineOptions(dtype=dtype, use_te=False))
     load_checkpoint(ckpt_dir, model)
     state = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v) and "_extra_state" not in k}
-    hf_state = megatron_to_hf_state(rules_for(arch), state, arch)
+    hf_state = megatron_to_hf_state(rules_for(arch, value_head=critic), state, arch)
     # megatron keeps some tensors (norm weights) in fp32 whatever params_dtype says: cast back
     size = write_safetensors({k: v.detach().cpu().to(DTYPES[dtype]) for k, v in hf_state.items()}, out_dir)
     for name in layout.TOKENIZER_FILES:
@@ -51,6 +54,10 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path) -> dict:
             shutil.copyfile(hf_meta / name, out_dir / name)
     config = {k: v for k, v in hf_config.items() if k != "torch_dtype"}
     config["dtype"] = dtype
+    if critic:  # a value model: HF *ForTokenClassification with one label
+        prefix = hf_config.get("architectures", ["Qwen2ForCausalLM"])[0].replace("ForCausalLM", "").replace("ForTokenClassification", "")
+        config.update(architectures=[f"{prefix}ForTokenClassification"], num_labels=1,
+                      id2label={"0": "value"}, label2id={"value": 0})
     atomic_write_json(out_dir / "config.json", config)
     generation = {"eos_token_id": hf_config.get("eos_token_id"), "pad_token_id": hf_config.get("pad_token_id"),
                   "bos_token_id": hf_config.get("bos_token_id"), "do_sample": False}

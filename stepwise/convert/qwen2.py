@@ -8,7 +8,8 @@ ATTENTION = "model.layers.{i}.self_attn"
 LAYER = "decoder.layers.{i}"
 
 
-def qwen2_rules(arch: ModelArch) -> list[Rule]:
+def qwen2_rules(arch: ModelArch, value_head: bool = False) -> list[Rule]:
+    """The table; `value_head` maps a critic (`*ForTokenClassification`, num_labels=1: `score`)."""
     rules = [
         Rule(("model.embed_tokens.weight",), "embedding.word_embeddings.weight", "vocab"),
         Rule(("model.layers.{i}.input_layernorm.weight",), f"{LAYER}.input_layernorm.weight"),
@@ -23,6 +24,8 @@ def qwen2_rules(arch: ModelArch) -> list[Rule]:
     if arch.qkv_bias:
         rules.append(Rule(tuple(f"{ATTENTION}.{p}_proj.bias" for p in "qkv"),
                           f"{LAYER}.self_attention.linear_qkv.bias", "qkv"))
-    if not arch.tie_word_embeddings:
+    if value_head:
+        rules += [Rule(("score.weight",), "output_layer.weight"), Rule(("score.bias",), "output_layer.bias")]
+    elif not arch.tie_word_embeddings:
         rules.append(Rule(("lm_head.weight",), "output_layer.weight", "vocab"))
     return rules

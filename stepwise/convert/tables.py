@@ -8,7 +8,7 @@ from stepwise.models.hf_config import ModelArch
 TABLES = {"qwen2": qwen2_rules}
 
 
-def rules_for(arch: ModelArch) -> list[Rule]:
+def rules_for(arch: ModelArch, value_head: bool = False) -> list[Rule]:
     if arch.family not in TABLES:
         raise KeyError(f"no conversion table for family '{arch.family}' (known: {sorted(TABLES)})")
-    return TABLES[arch.family](arch)
+    return TABLES[arch.family](arch, value_head=value_head)
