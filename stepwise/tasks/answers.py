@@ -1,4 +1,4 @@
-"""Final-answer extraction and normalisation for MATH (`\\boxed{}`) and GSM8K (`#### n`)."""
+"""Final-answer extraction for MATH (`\\boxed{}`) and GSM8K (`#### n`); MATH normalisation is in `math_answers`."""
 from __future__ import annotations
 
 import re
@@ -24,19 +24,6 @@ def last_boxed(text: str) -> str | None:
         if depth == 0:
             return rest[1:index]
     return None
-
-
-def normalise_latex(answer: str) -> str:
-    """A string form for the fallback comparison when math-verify cannot decide."""
-    text = answer.strip()
-    for old, new in (("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\!", ""),
-                     ("\\,", ""), ("\\;", ""), ("\\$", ""), ("$", ""), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", "")):
-        text = text.replace(old, new)
-    text = re.sub(r"\\text\{\s*([^{}]*)\}", r"\1", text)
-    text = re.sub(r"\\mbox\{\s*([^{}]*)\}", r"\1", text)
-    text = text.replace(" ", "").rstrip(".")
-    text = re.sub(r"^[a-zA-Z]=", "", text)
-    return text
 
 
 def gsm8k_answer(text: str) -> str | None:

@@ -7,16 +7,17 @@
                A: 9
 
 Designed so a tiny policy trained by SFT is *systematically* wrong on some facts yet still samples
-the right result sometimes, which Monte-Carlo labels and a step-level critic can find (see the
-calibration in DESIGN.md): `corrupt_fraction` of the (a, op, b) table entries are "traps" with a
-fixed wrong result, written into SFT solutions with probability `corrupt_rate` (the chain then
-continues from the written value). References and held-out problems are always correct.
-`n_steps` is the difficulty knob. Everything is deterministic by seed.
+the right result sometimes, which Monte-Carlo labels and a step-level critic can find:
+`corrupt_fraction` of the (a, op, b) table entries are "traps" with a fixed wrong result, written
+into SFT solutions with probability `corrupt_rate` (the chain then continues from the written
+value). References and held-out problems are always correct. `n_steps` is the difficulty knob.
+Everything is deterministic by seed.
 """
 from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -65,13 +66,15 @@ def split_of(problem: str) -> str:
     return "test" if _stable_hash(problem) % TEST_SHARE == 0 else "train"
 
 
+_PROBLEM = re.compile(r"Q: ?(\d(?:[-+*]\d)*)")
+
+
 def _parse(problem: str) -> tuple[int, list[tuple[str, int]]]:
-    body = problem.strip()
-    if not body.startswith("Q:"):
-        raise ValueError(f"not an arith problem: {problem!r}")
-    expression = body[2:].strip()
-    if not expression or not expression[0].isdigit():
-        raise ValueError(f"not an arith problem: {problem!r}")
+    """`Q: 3+4*2-5` -> (3, [("+", 4), ("*", 2), ("-", 5)]); ValueError naming the text otherwise."""
+    match = _PROBLEM.fullmatch(problem.strip()) if isinstance(problem, str) else None
+    if match is None:
+        raise ValueError(f"not an arith problem (want 'Q: <digit>(<op><digit>)*' with ops +-*): {problem!r:.80}")
+    expression = match.group(1)
     steps = [(expression[i], int(expression[i + 1])) for i in range(1, len(expression), 2)]
     return int(expression[0]), steps
 
@@ -96,10 +99,13 @@ def make_problems(config: ArithConfig, n: int, split: str) -> list[dict]:
     """`n` distinct problems of `split` ("train" or "test"; disjoint by construction)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"make_problems: n must be a non-negative integer, got {n!r}")
     rng = random.Random(f"problems-{config.seed}-{split}")
     capacity = 10 ** (config.n_steps + 1) * len(config.operators) ** config.n_steps
-    if n > capacity // (TEST_SHARE * 2):
-        raise ValueError(f"asked for {n} {split} problems; n_steps={config.n_steps} allows about {capacity // (TEST_SHARE * 2)}")
+    allowed = capacity // (TEST_SHARE * 2)
+    if n > allowed:
+        raise ValueError(f"asked for {n} {split} problems; n_steps={config.n_steps} allows about {allowed}")
     seen: set[str] = set()
     records = []
     while len(records) < n:
@@ -120,7 +126,10 @@ def make_sft_records(config: ArithConfig, problems: list[dict]) -> list[dict]:
     """`{"id", "prompt", "response"}` where trap entries are written wrong with prob. corrupt_rate."""
     traps = config.traps
     records = []
-    for problem in problems:
+    for index, problem in enumerate(problems):
+        for key in ("id", "problem"):
+            if not isinstance(problem, dict) or not isinstance(problem.get(key), str):
+                raise ValueError(f"make_sft_records: problems[{index}] needs a string '{key}'")
         rng = random.Random(f"sft-{config.seed}-{problem['problem']}")
 
         def written(a: int, op: str, b: int) -> int:
@@ -128,7 +137,10 @@ def make_sft_records(config: ArithConfig, problems: list[dict]) -> list[dict]:
                 return traps[(a, op, b)]
             return OPERATIONS[op](a, b)
 
-        start, steps = _parse(problem["problem"])
+        try:
+            start, steps = _parse(problem["problem"])
+        except ValueError as error:
+            raise ValueError(f"make_sft_records: problems[{index}] (id {problem['id']!r}): {error}") from None
         response, _ = _write_solution(start, steps, written)
         records.append({"id": problem["id"], "prompt": problem["problem"], "response": response})
     return records
@@ -136,6 +148,8 @@ def make_sft_records(config: ArithConfig, problems: list[dict]) -> list[dict]:
 
 def extract_answer(response: str) -> str | None:
     """The answer on the last line starting with `A:`, or None."""
+    if not isinstance(response, str):
+        return None
     for line in reversed(response.strip().split("\n")):
         if line.startswith("A:"):
             return line[2:].strip()
@@ -143,8 +157,9 @@ def extract_answer(response: str) -> str | None:
 
 
 def grade_arith(response: str, reference: str) -> bool:
+    """True when the response's final `A:` answer is exactly the reference."""
     answer = extract_answer(response)
-    return answer is not None and answer == reference.strip()
+    return answer is not None and isinstance(reference, str) and answer == reference.strip()
 
 
 def corpus(config: ArithConfig) -> list[str]:

@@ -3,29 +3,55 @@ character-level sentencepiece model and save it in Hugging Face format.
 
 The task tokenizer is trained with sentencepiece (single thread, identity normalisation, every
 character its own piece, so same texts -> byte-identical model) and mirrored as a `tokenizer.json`
-that `AutoTokenizer` loads with the same ids: a byte-level BPE without merges. transformers 5
-forces its Qwen2Tokenizer (byte-level) on any directory whose config.json says `qwen2`, whatever
-`tokenizer_config.json` declares; a byte-level mirror is the form that survives that.
+that `AutoTokenizer` loads with the same ids: a byte-level BPE without merges, one id per character,
+consecutive unknown characters fused into one `<unk>` as sentencepiece does. transformers 5 forces
+its Qwen2Tokenizer (byte-level, no unk) on any directory whose config.json says `qwen2`, whatever
+`tokenizer_config.json` declares; a byte-level mirror is the form that survives that (there, text
+made of trained characters keeps its ids; unknown characters are dropped instead of `<unk>`).
 """
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 from pathlib import Path
 
-SPECIALS = ("<pad>", "</s>", "<unk>")
+SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2
 SPACE = "\u2581"  # sentencepiece's visible space
+SPM_FILE = "tokenizer.model"
+
+
+def _check_texts(texts: list[str]) -> list[str]:
+    """The distinct characters of `texts`; ValueError on empty or non-ASCII input."""
+    if isinstance(texts, str) or not texts:
+        raise ValueError("train_task_tokenizer: `texts` must be a non-empty list of strings")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"train_task_tokenizer: texts[{index}] is {type(text).__name__}, not a string")
+        if not text.isascii():
+            bad = next(c for c in text if not c.isascii())
+            raise ValueError(f"train_task_tokenizer: texts[{index}] has the non-ASCII character {bad!r}; "
+                             "the task tokenizer is character-level over ASCII")
+    characters = sorted({c for text in texts for c in text})
+    if not "".join(characters).strip(" "):
+        raise ValueError("train_task_tokenizer: `texts` hold no characters besides spaces")
+    return characters
 
 
 def _train_spm(texts: list[str], vocab_size: int | None) -> bytes:
     import sentencepiece as spm
 
-    characters = sorted({c for text in texts for c in text} - {" "})
+    characters = _check_texts(texts)
+    needed = len(SPECIALS) + len(set(characters) | {"\n"})  # "\n" is always a piece
+    if vocab_size is not None and vocab_size < needed:
+        raise ValueError(f"train_task_tokenizer: vocab_size={vocab_size} is too small; the texts need {needed} "
+                         f"ids ({len(SPECIALS)} specials and one per character, newline included)")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=model,
         model_type="char",
-        vocab_size=vocab_size or len(characters) + len(SPECIALS) + 1,
+        vocab_size=needed,
         character_coverage=1.0,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
@@ -64,20 +90,30 @@ def _hf_tokenizer(spm_model: bytes):
 
     processor = spm.SentencePieceProcessor(model_proto=spm_model)
     vocab = {_piece_symbol(processor.id_to_piece(i)): i for i in range(processor.get_piece_size())}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=True))
+    # no regex split: the whole text is one word, so runs of unknown characters fuse as in spm
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>", clean_up_tokenization_spaces=False)
 
 
 def train_task_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int | None = None) -> Path:
-    """Train the character-level sentencepiece model on `texts`; write spm + HF files to `out_dir`."""
+    """Train the character-level sentencepiece model on `texts`; write spm + HF files to `out_dir`.
+
+    One id per distinct character plus `<pad>` (0), `</s>` (1), `<unk>` (2); `vocab_size`, when given,
+    is an upper bound (ValueError when the characters need more ids).
+    """
+    from stepwise.data.jsonl import atomic_write_bytes
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     spm_model = _train_spm(texts, vocab_size)
-    (out / "tokenizer.model").write_bytes(spm_model)
-    _hf_tokenizer(spm_model).save_pretrained(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".hf-") as staging:  # each file lands whole
+        _hf_tokenizer(spm_model).save_pretrained(staging)
+        for file in sorted(Path(staging).iterdir()):
+            os.replace(file, out / file.name)
+    atomic_write_bytes(out / SPM_FILE, spm_model)
     return out
 
 

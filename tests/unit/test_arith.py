@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from stepwise.tasks.arith import ArithConfig, extract_answer, grade_arith, make_problems, make_sft_records, solve
+from stepwise.tasks.arith import (ArithConfig, corpus, extract_answer, grade_arith, make_problems,
+                                  make_sft_records, solve)
 
 
 def test_solve_is_left_to_right_mod_10():
@@ -66,3 +67,55 @@ def test_grader_is_exact():
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError, match="ArithConfig"):
         ArithConfig(**bad)
+
+
+def test_split_is_a_property_of_the_problem_text_so_no_seed_or_size_leaks_test_into_train():
+    test = {p["problem"] for seed in (0, 1) for p in make_problems(ArithConfig(seed=seed), 300, "test")}
+    train = {p["problem"] for seed in (0, 1, 2) for p in make_problems(ArithConfig(seed=seed), 1000, "train")}
+    assert len(test) > 300 and not test & train
+    record = make_problems(ArithConfig(), 1, "test")[0]
+    assert record["id"] == "arith-test-0" and set(record) == {"id", "problem", "answer", "solution"}
+
+
+def test_references_are_always_correct_while_sft_shows_both_results_of_traps():
+    config = ArithConfig(seed=7)
+    problems = make_problems(config, 2000, "train")
+    written: dict[tuple, set[int]] = {}
+    for problem, record in zip(problems, make_sft_records(config, problems)):
+        assert record["prompt"] == problem["problem"] and record["id"] == problem["id"]
+        assert problem["solution"] == "\n".join(solve(problem["problem"])[0] + [f"A: {problem['answer']}"])
+        for line in record["response"].split("\n")[:-1]:
+            written.setdefault((int(line[0]), line[1], int(line[2])), set()).add(int(line[4]))
+    for entry, wrong in config.traps.items():  # the right result is still sampled sometimes
+        if entry in written:
+            assert written[entry] == {wrong, int(solve(f"Q: {entry[0]}{entry[1]}{entry[2]}\n")[1])}
+    assert make_sft_records(config, problems[:50]) == make_sft_records(ArithConfig(seed=7), problems[:50])
+
+
+def test_corpus_covers_every_character_the_task_produces():
+    config = ArithConfig(operators="+*", seed=1)
+    problems = make_problems(config, 100, "train")
+    produced = {c for p in problems for c in p["problem"] + p["solution"]}
+    produced |= {c for r in make_sft_records(config, problems) for c in r["prompt"] + r["response"]}
+    assert produced <= set("".join(corpus(config)))
+    assert "-" not in "".join(corpus(config))
+
+
+@pytest.mark.parametrize("bad", ["Q: 3+", "Q: 3/4", "Q: 12+3", "3+4", "Q: 3+4\nA: 7", None])
+def test_malformed_problems_are_rejected_with_the_text(bad):
+    with pytest.raises(ValueError, match="not an arith problem"):
+        solve(bad)
+
+
+def test_bad_generation_arguments_are_named():
+    with pytest.raises(ValueError, match="split must be one of"):
+        make_problems(ArithConfig(), 3, "valid")
+    with pytest.raises(ValueError, match="n must be a non-negative integer"):
+        make_problems(ArithConfig(), -1, "train")
+    with pytest.raises(ValueError, match="n_steps=1 allows about 30"):
+        make_problems(ArithConfig(n_steps=1), 31, "train")
+    with pytest.raises(ValueError, match=r"problems\[1\] needs a string 'problem'"):
+        make_sft_records(ArithConfig(), [{"id": "a", "problem": "Q: 1+2\n"}, {"id": "b"}])
+    with pytest.raises(ValueError, match=r"problems\[0\] \(id 'a'\): not an arith problem"):
+        make_sft_records(ArithConfig(), [{"id": "a", "problem": "Q: 1/2\n"}])
+    assert not grade_arith(None, "3") and extract_answer(None) is None
