@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Sourced by every stepwise sbatch script: strict mode, repo root, Python environment, default env,
-# rendezvous address, a one-line layout summary, and `run_stepwise` (runs $RECIPE, keeps its exit code).
-# Set GPUS_PER_NODE before sourcing to override the default (SLURM_GPUS_ON_NODE, else 8; 0 = CPU).
+# rendezvous address, the recipe and its overrides, a one-line layout summary, and `run_stepwise`
+# (runs $RECIPE, keeps its exit code). Set GPUS_PER_NODE before sourcing to override the default
+# (SLURM_GPUS_ON_NODE, else 8; 0 = CPU).
+#
+# sbatch runs a spooled copy of the batch script, so a script finds this file through the path it
+# was submitted under (scontrol's Command=, relative to the submit directory); see tiny_local.sh.
 set -euo pipefail
 
 stepwise_root() {
-    # sbatch runs a spooled copy of the script, so its own path is no guide: prefer STEPWISE_ROOT,
-    # then the submit directory if it is a stepwise checkout, then this file's location.
+    # STEPWISE_ROOT when set, else the checkout this file lies in (its real path, never the spool).
     if [[ -n "${STEPWISE_ROOT:-}" ]]; then echo "$STEPWISE_ROOT"; return; fi
-    if [[ -n "${SLURM_SUBMIT_DIR:-}" && -f "$SLURM_SUBMIT_DIR/pyproject.toml" && -d "$SLURM_SUBMIT_DIR/stepwise" ]]; then
-        echo "$SLURM_SUBMIT_DIR"; return
-    fi
     cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd
 }
 
@@ -29,6 +29,7 @@ activate_python() {
 }
 
 export_defaults() {
+    # NCCL_* is left to the cluster's own environment.
     export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
     export TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
     export TOKENIZERS_PARALLELISM=false
@@ -47,6 +48,22 @@ export_rendezvous() {
     export GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
 }
 
+take_recipe() {
+    # take_recipe DEFAULT [RECIPE.yaml] [key=value ...]: RECIPE = the first argument when it is no
+    # override, else $RECIPE, else DEFAULT; OVERRIDES = the rest. A relative recipe is read from the
+    # repo root, or from the submit directory when only there.
+    local default="$1"
+    shift
+    if [[ $# -gt 0 && "$1" != *=* ]]; then RECIPE="$1"; shift; fi
+    RECIPE="${RECIPE:-$default}"
+    local submit="${SLURM_SUBMIT_DIR:-$PWD}"
+    if [[ "$RECIPE" != /* && ! -f "$STEPWISE_ROOT/$RECIPE" && -f "$submit/$RECIPE" ]]; then
+        RECIPE="$(cd "$submit" && realpath "$RECIPE")"
+    fi
+    export RECIPE
+    OVERRIDES=("$@")
+}
+
 print_layout() {
     echo "[stepwise] layout: job=${SLURM_JOB_ID:-none} nodes=$NNODES (${SLURM_JOB_NODELIST:-local})" \
          "gpus_per_node=$GPUS_PER_NODE cpus_per_task=${SLURM_CPUS_PER_TASK:-?} master=$MASTER_ADDR:$MASTER_PORT" \
@@ -54,8 +71,9 @@ print_layout() {
 }
 
 run_stepwise() {
-    # run_stepwise [key=value ...]: run $RECIPE from the repo root; return its exit code. The run goes
-    # in the background so the USR1 warning (#SBATCH --signal=B:USR1@N) is logged while it runs.
+    # run_stepwise [key=value ...]: run $RECIPE from the repo root (relative run.dir= is under it);
+    # return its exit code. The run goes in the background so the USR1 warning
+    # (#SBATCH --signal=B:USR1@N) is logged while it runs.
     local status=0 child
     cd "$STEPWISE_ROOT"
     "${STEPWISE_CMD[@]}" run "$RECIPE" "$@" &

@@ -1,6 +1,7 @@
 """A session-wide local Slurm cluster for the tests of slurm/ (skipped only without root or apt-get).
 The state directory is fixed (STEPWISE_SLURM_STATE, default /tmp/stepwise-slurm) so a crashed run's
-daemons are found again by their pid files instead of blocking the ports."""
+daemons are found again by their pid files instead of blocking the ports; two pytest sessions on one
+machine share it (the last one out stops it)."""
 from __future__ import annotations
 
 import os
@@ -21,9 +22,14 @@ def slurm_env() -> dict[str, str]:
         print(f"SKIP slurm tests: {reason}")
         pytest.skip(reason)
     state = Path(os.environ.get("STEPWISE_SLURM_STATE", "/tmp/stepwise-slurm"))
-    started = subprocess.run(["bash", str(SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=900)
+
+    def cluster(action: str, timeout: int) -> subprocess.CompletedProcess:  # our pid: this session uses it
+        return subprocess.run(["bash", str(SCRIPT), action, str(state), str(os.getpid())],
+                              capture_output=True, text=True, timeout=timeout)
+
+    started = cluster("start", timeout=900)
     if started.returncode != 0:
         pytest.fail(f"local Slurm did not start (exit {started.returncode}):\n{started.stdout}\n{started.stderr}",
                     pytrace=False)
     yield dict(os.environ, SLURM_CONF=str(state / "slurm.conf"))
-    subprocess.run(["bash", str(SCRIPT), "stop", str(state)], capture_output=True, timeout=60)
+    cluster("stop", timeout=120)
