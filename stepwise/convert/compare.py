@@ -2,9 +2,11 @@
 
     python conversion/compare.py --hf DIR --megatron DIR [--tp N --pp N] [--prompt TEXT]
 
-prints JSON with `max_abs_logit_diff`, `mean_abs_logit_diff` and `top1_agreement`. With TP x PP > 1
-it re-launches itself under torchrun; the megatron logits are gathered across TP and taken from
-the last pipeline stage.
+prints JSON with `max_abs_logit_diff`, `mean_abs_logit_diff`, `top1_agreement`, the number of
+positions compared and the seconds taken. It always re-launches itself under torchrun (TP x PP
+processes), so the megatron run never shares a process with transformers; the megatron logits are
+gathered across TP and taken from the last pipeline stage. Works for every family in
+`stepwise.models.hf_config.FAMILIES`.
 """
 from __future__ import annotations
 
@@ -13,24 +15,31 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 
-def megatron_logits(ckpt_dir: str | Path, input_ids: torch.Tensor, tp: int = 1, pp: int = 1, dtype: str = "float32"):
-    """Full-vocabulary fp32 logits [B, S, V] on the logging rank (last stage, TP rank 0); None elsewhere."""
+def megatron_logits(ckpt_dir: str | Path, input_ids: torch.Tensor, tp: int = 1, pp: int = 1, dtype: str | None = None):
+    """Logits [B, S, vocab] (real vocabulary, as fp32) on the logging rank (last stage, TP rank 0); None elsewhere.
+
+    Collective: every rank of a TP x PP world calls it. `dtype` defaults to the checkpoint's own.
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from stepwise.checkpoint import layout as ckpt_layout
     from stepwise.checkpoint.state import load_checkpoint
+    from stepwise.convert.megatron_to_hf import saved_dtype
     from stepwise.models.builder import EngineOptions, build_gpt_model
-    from stepwise.models.hf_config import arch_from_hf
+    from stepwise.models.hf_config import arch_from_hf, load_hf_config
     from stepwise.parallel.runtime import init_parallel
 
     layout = init_parallel(tp, pp)
-    arch = arch_from_hf(ckpt_layout.hf_metadata_dir(ckpt_dir))
+    hf_meta = ckpt_layout.hf_metadata_dir(ckpt_dir)
+    arch = arch_from_hf(hf_meta)
+    dtype = dtype or saved_dtype(ckpt_layout.read_meta(ckpt_layout.resolve(ckpt_dir)), load_hf_config(hf_meta))
     model = build_gpt_model(arch, EngineOptions(tp=tp, pp=pp, dtype=dtype, use_te=False))
     load_checkpoint(ckpt_dir, model)
     model.eval()
@@ -55,15 +64,18 @@ def megatron_logits(ckpt_dir: str | Path, input_ids: torch.Tensor, tp: int = 1, 
     return stash[0][..., : arch.vocab_size].cpu()
 
 
-def hf_logits(hf_dir: str | Path, input_ids: torch.Tensor) -> torch.Tensor:
+def hf_logits(hf_dir: str | Path, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """transformers' logits [B, S, vocab] (as fp32) of the model in `hf_dir`, run in `dtype`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype)
+    model.eval()
     with torch.no_grad():
         return model(input_ids=input_ids).logits.float()
 
 
 def parity(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
+    """max / mean absolute logit difference and the fraction of positions with the same argmax."""
     diff = (reference - candidate).abs()
     return {"max_abs_logit_diff": diff.max().item(), "mean_abs_logit_diff": diff.mean().item(),
             "top1_agreement": (reference.argmax(-1) == candidate.argmax(-1)).float().mean().item()}
@@ -94,13 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         if logits is not None:
             torch.save(logits, args.logits_out)
         return 0
+    began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "logits.pt"
         forwarded = sys.argv[1:] if argv is None else list(argv)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.tp * args.pp}",
                    "-m", "stepwise.convert.compare", *forwarded, "--logits-out", str(out)]
         subprocess.run(command, check=True)
-        print(json.dumps(parity(hf_logits(args.hf, ids), torch.load(out))))
+        print(f"megatron logits at TP={args.tp} PP={args.pp} done; running transformers", file=sys.stderr)
+        summary = parity(hf_logits(args.hf, ids), torch.load(out))
+        summary.update(positions=int(ids.numel()), seconds=round(time.perf_counter() - began, 2))
+        print(json.dumps(summary))
     return 0
 
 

@@ -1,10 +1,12 @@
-"""HF (config.json + safetensors) -> a model-only megatron distributed checkpoint.
+"""HF (config.json + safetensors) -> a model-only megatron distributed checkpoint, streamed.
 
-The checkpoint stores global shapes (loads at any TP/PP), keeps the checkpoint's dtype unless
-`dtype` is given, and keeps config.json + tokenizer files in `OUT/hf/` so the way back needs nothing
-else.
+Tensors are read one at a time (`safe_open`) and written as the checkpoint writer reaches them, so
+host memory holds a few tensors, not the model; no megatron model is built. The checkpoint stores
+global shapes (loads at any TP/PP), keeps the source dtype in the files unless `dtype` is given, and
+keeps config.json + tokenizer files in `OUT/hf/` so the way back needs nothing else. Missing,
+unknown or unused keys are errors naming the key.
 
-    python conversion/hf_to_megatron.py --hf DIR --out DIR [--dtype float32|bfloat16]
+    python conversion/hf_to_megatron.py --hf DIR --out DIR [--dtype float32|bfloat16|float16]
 """
 from __future__ import annotations
 
@@ -15,63 +17,87 @@ from pathlib import Path
 
 import torch
 
-from stepwise.checkpoint.layout import save_hf_metadata
-from stepwise.checkpoint.state import save_checkpoint
-from stepwise.convert.hf_io import read_hf_state, state_dtype
-from stepwise.convert.mapping import MappingError, hf_to_megatron_state
+from stepwise.checkpoint import layout
+from stepwise.convert import dist_io
+from stepwise.convert.hf_io import HFSource, common_dtype
+from stepwise.convert.mapping import MappingError, check_hf_keys, megatron_shape, pairs, to_megatron_tensor
 from stepwise.convert.tables import rules_for
-from stepwise.models.builder import DTYPES, EngineOptions, build_gpt_model, padded_vocab_size
-from stepwise.models.critic import build_critic_model
+from stepwise.models.builder import DTYPES, EngineOptions, padded_vocab_size
 from stepwise.models.hf_config import arch_from_hf, load_hf_config
 
-
-def load_mapped_weights(model, mapped: dict[str, torch.Tensor]) -> None:
-    """Copy mapped tensors into a TP1/PP1 model; every parameter must be covered."""
-    missing = [k for k, v in model.state_dict().items() if torch.is_tensor(v) and "_extra_state" not in k and k not in mapped]
-    if missing:
-        raise MappingError(f"megatron model parameters not covered by the table: {missing[:5]}")
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, tensor in mapped.items():
-            if name not in params:
-                raise MappingError(f"table maps to '{name}', which the megatron model does not have")
-            if params[name].shape != tensor.shape:
-                raise MappingError(f"'{name}': shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
+TIED_COPY = "lm_head.weight"
 
 
-def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> dict:
-    """Convert; returns a summary (tensors, bytes, seconds, dtype)."""
+def _drop_tied_copy(source: HFSource, names: set[str], tied: bool, critic: bool) -> None:
+    """transformers may store a tied output matrix a second time; it must equal the embedding."""
+    if not tied or critic or TIED_COPY not in names:
+        return
+    output, embedding = source.read([TIED_COPY, "model.embed_tokens.weight"])
+    if not torch.equal(output, embedding):
+        raise MappingError(f"{source.dir}: tie_word_embeddings is true but {TIED_COPY} differs from the embedding")
+    names.discard(TIED_COPY)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB: Linux's VmHWM (getrusage's maxrss would
+    include the parent's memory when this process was forked from a large one), else getrusage."""
+    import resource
+
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
+                           progress: bool = True) -> dict:
+    """Convert; returns a summary (tensors and bytes read, seconds, dtype, peak RSS)."""
+    from tqdm import tqdm
+
     from stepwise.parallel.runtime import init_parallel
 
     began = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     arch = arch_from_hf(hf_dir)
-    state = read_hf_state(hf_dir)
-    if arch.tie_word_embeddings and "lm_head.weight" in state and "score.weight" not in state:
-        if not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
-            raise MappingError(f"{hf_dir}: tie_word_embeddings is true but lm_head.weight differs from the embedding")
-        del state["lm_head.weight"]
-    dtype = dtype or state_dtype(state)
-    critic = "score.weight" in state  # a *ForTokenClassification value model
+    source = HFSource(hf_dir)
+    names = source.names()
+    critic = "score.weight" in names  # a *ForTokenClassification value model
+    _drop_tied_copy(source, names, arch.tie_word_embeddings, critic)
+    rules = rules_for(arch, value_head=critic)
+    check_hf_keys(rules, arch, names)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    dtype = dtype or common_dtype(source.dtype[n] for n in names)
+    target, padded = DTYPES[dtype], padded_vocab_size(arch.vocab_size, EngineOptions())
+
+    def maker(rule, hf_names):
+        return lambda: to_megatron_tensor(rule, source.read(hf_names), arch, padded).to(target)
+
+    entries = [dist_io.Entry(name, megatron_shape(rule, [source.shape[n] for n in hf_names], arch, padded), target,
+                             maker(rule, hf_names)) for rule, hf_names, name in pairs(rules, arch)]
     init_parallel(1, 1)
-    options = EngineOptions(dtype=dtype, use_te=False)
-    model = (build_critic_model if critic else build_gpt_model)(arch, options)
-    mapped = hf_to_megatron_state(rules_for(arch, value_head=critic), state, arch, padded_vocab_size(arch.vocab_size, options))
-    load_mapped_weights(model, {k: v.to(DTYPES[dtype]) for k, v in mapped.items()})
-    save_checkpoint(out_dir, 0, model, meta={"source": str(hf_dir), "dtype": dtype, "family": arch.family, "tp": 1, "pp": 1,
-                                             "model_kind": "critic" if critic else "policy"})
-    save_hf_metadata(out_dir, load_hf_config(hf_dir), hf_dir)
-    summary = {"tensors": len(state), "bytes": sum(t.numel() * t.element_size() for t in state.values()),
-               "seconds": round(time.perf_counter() - began, 2), "dtype": dtype, "out": str(out_dir)}
-    return summary
+    bar = tqdm(total=len(entries), desc="hf -> megatron", unit="tensor", disable=not progress)
+    staged = layout.staging_dir(out_dir, 0)
+    dist_io.save_streamed(entries, arch.num_layers, staged, on_tensor=lambda n: bar.update())
+    bar.close()
+    layout.fsync_tree(staged)
+    layout.publish(out_dir, 0, {"step": 0, "saved_at": time.time(), "has_optimizer": False, "source": str(hf_dir),
+                                "dtype": dtype, "family": arch.family, "tp": 1, "pp": 1,
+                                "model_kind": "critic" if critic else "policy"})
+    layout.save_hf_metadata(out_dir, load_hf_config(hf_dir), hf_dir)
+    return {"tensors": len(names), "bytes": sum(source.nbytes(n) for n in names),
+            "seconds": round(time.perf_counter() - began, 2), "dtype": dtype, "peak_rss_mb": peak_rss_mb(),
+            "out": str(out_dir)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="HF checkpoint -> megatron distributed checkpoint")
+    parser = argparse.ArgumentParser(description="HF checkpoint -> megatron distributed checkpoint (streamed)")
     parser.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     parser.add_argument("--out", required=True, help="checkpoint root to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    print(json.dumps(convert_hf_to_megatron(args.hf, args.out, args.dtype)))
+    print(json.dumps(convert_hf_to_megatron(args.hf, args.out, args.dtype, progress=not args.no_progress)))
     return 0

@@ -9,6 +9,13 @@ A rule's names may hold `{i}` (the layer index). Transforms:
 - `vocab`     embedding / output rows padded with zeros to the padded vocabulary, sliced back.
 Every HF key and every megatron key must be used exactly once: anything missing, unknown or left
 over is an error naming the key.
+
+There is no norm-offset transform: Gemma's (1 + w) norms are built zero-centred in megatron
+(`layernorm_zero_centered_gamma`), so w is stored as HF stores it. Adding 1 on the way in and
+subtracting it on the way out could not be bitwise in bf16 (1 + w keeps 8 significant bits).
+
+The whole-state functions serve small models and tests; the streaming converters use `pairs`,
+`check_hf_keys` and the per-tensor transforms (shapes come from running them on meta tensors).
 """
 from __future__ import annotations
 
@@ -87,31 +94,49 @@ def to_hf_tensors(rule: Rule, tensor: torch.Tensor, arch: ModelArch) -> tuple[to
     raise ValueError(f"unknown transform {rule.transform!r}")
 
 
-def _pairs(rules: list[Rule], arch: ModelArch) -> list[tuple[Rule, tuple[str, ...], str]]:
+def pairs(rules: list[Rule], arch: ModelArch) -> list[tuple[Rule, tuple[str, ...], str]]:
+    """Every (rule, HF names, megatron name), layers expanded, in table order."""
     return [(rule, hf, megatron) for rule in rules for hf, megatron in rule.expand(arch.num_layers)]
+
+
+def check_hf_keys(rules: list[Rule], arch: ModelArch, names) -> None:
+    """Raise `MappingError` naming the first HF key the table needs but `names` lacks, or the keys
+    in `names` no rule maps."""
+    names = set(names)
+    unused = set(names)
+    for _, hf_names, megatron_name in pairs(rules, arch):
+        for name in hf_names:
+            if name not in names:
+                raise MappingError(f"HF checkpoint is missing '{name}' (needed for '{megatron_name}')")
+        unused -= set(hf_names)
+    if unused:
+        raise MappingError(f"HF checkpoint has keys no rule maps: {sorted(unused)[:5]} ({len(unused)} in all)")
+
+
+def megatron_shape(rule: Rule, hf_shapes: list, arch: ModelArch, padded_vocab: int) -> tuple[int, ...]:
+    """Shape of the megatron tensor `rule` makes from HF tensors of `hf_shapes` (no data touched)."""
+    tensors = [torch.empty(shape, device="meta") for shape in hf_shapes]
+    return tuple(to_megatron_tensor(rule, tensors, arch, padded_vocab).shape)
+
+
+def hf_shapes(rule: Rule, shape, arch: ModelArch) -> list[tuple[int, ...]]:
+    """Shapes of the HF tensors `rule` makes from a megatron tensor of `shape` (no data touched)."""
+    return [tuple(t.shape) for t in to_hf_tensors(rule, torch.empty(shape, device="meta"), arch)]
 
 
 def hf_to_megatron_state(rules: list[Rule], hf_state: dict[str, torch.Tensor], arch: ModelArch,
                          padded_vocab: int) -> dict[str, torch.Tensor]:
     """Map a full HF state dict to megatron names; every HF key must be consumed."""
-    unused = set(hf_state)
-    out = {}
-    for rule, hf_names, megatron_name in _pairs(rules, arch):
-        for name in hf_names:
-            if name not in hf_state:
-                raise MappingError(f"HF checkpoint is missing '{name}' (needed for '{megatron_name}')")
-        unused -= set(hf_names)
-        out[megatron_name] = to_megatron_tensor(rule, [hf_state[n] for n in hf_names], arch, padded_vocab)
-    if unused:
-        raise MappingError(f"HF checkpoint has keys no rule maps: {sorted(unused)[:5]} ({len(unused)} in all)")
-    return out
+    check_hf_keys(rules, arch, hf_state.keys())
+    return {megatron_name: to_megatron_tensor(rule, [hf_state[n] for n in hf_names], arch, padded_vocab)
+            for rule, hf_names, megatron_name in pairs(rules, arch)}
 
 
 def megatron_to_hf_state(rules: list[Rule], megatron_state: dict[str, torch.Tensor], arch: ModelArch) -> dict[str, torch.Tensor]:
     """Map a full megatron state dict (no `_extra_state`) to HF names; every key must be consumed."""
     unused = set(megatron_state)
     out = {}
-    for rule, hf_names, megatron_name in _pairs(rules, arch):
+    for rule, hf_names, megatron_name in pairs(rules, arch):
         if megatron_name not in megatron_state:
             raise MappingError(f"megatron checkpoint is missing '{megatron_name}'")
         unused.discard(megatron_name)

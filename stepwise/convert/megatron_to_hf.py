@@ -1,9 +1,13 @@
 """A megatron checkpoint (conversion or training, any TP/PP, with or without optimizer state; a
-policy or a critic) -> an HF directory: model.safetensors + config.json + tokenizer files + generation_config.json,
-loadable by `AutoModelForCausalLM` (a critic: `AutoModelForTokenClassification`, num_labels=1) /
-`AutoTokenizer` and servable by vLLM.
+policy or a critic) -> an HF directory: safetensors (sharded past `--max-shard-size`, with an index)
++ config.json + tokenizer files + generation_config.json, loadable by `AutoModelForCausalLM` (a
+critic: `AutoModelForTokenClassification`, num_labels=1) / `AutoTokenizer` and servable by vLLM.
 
-    python conversion/megatron_to_hf.py --ckpt DIR --out DIR
+Streamed: no model is built; the checkpoint is read one layer at a time and each tensor is written
+straight into its shard, so host memory holds about one layer. Config and tokenizer come from the
+checkpoint's `hf/` directory, or from `--hf-template DIR`.
+
+    python conversion/megatron_to_hf.py --ckpt DIR --out DIR [--hf-template DIR] [--dtype D] [--max-shard-size 5GB]
 """
 from __future__ import annotations
 
@@ -13,64 +17,152 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from stepwise.checkpoint import layout
-from stepwise.checkpoint.state import load_checkpoint
-from stepwise.convert.hf_io import write_safetensors
-from stepwise.convert.mapping import megatron_to_hf_state
+from stepwise.convert import dist_io
+from stepwise.convert.hf_to_megatron import peak_rss_mb
+from stepwise.convert.mapping import MappingError, hf_shapes, pairs, to_hf_tensors
+from stepwise.convert.safetensors_out import DEFAULT_MAX_SHARD_SIZE, TensorSpec, write_sharded
 from stepwise.convert.tables import rules_for
 from stepwise.data.jsonl import atomic_write_json
-from stepwise.models.builder import DTYPES, EngineOptions, build_gpt_model
-from stepwise.models.critic import build_critic_model
+from stepwise.models.builder import DTYPES
 from stepwise.models.hf_config import arch_from_hf_dict
 
 
-def _saved_dtype(meta: dict, hf_config: dict) -> str:
+# heads a causal-LM export leaves out, by the checkpoint's model_kind (DQO's value head on the policy trunk)
+DROPPED_HEADS = {"policy_value": ("value_head.",)}
+
+
+def saved_dtype(meta: dict, hf_config: dict) -> str:
+    """The dtype a checkpoint was written in: its meta (conversion, training), else the HF config."""
     return meta.get("dtype") or hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
 
 
-def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path) -> dict:
-    """Convert; returns a summary (tensors, bytes, seconds, dtype)."""
-    from stepwise.parallel.runtime import init_parallel
+def generation_config(hf_meta: Path, hf_config: dict) -> dict:
+    """The source generation_config.json (if any), with the tokenizer's eos / pad / bos ids added.
 
-    began = time.perf_counter()
-    out_dir = Path(out_dir)
-    hf_meta = layout.hf_metadata_dir(ckpt_dir)
-    hf_config = json.loads((hf_meta / "config.json").read_text())
-    arch = arch_from_hf_dict(hf_config, source=str(hf_meta / "config.json"))
-    meta = layout.read_meta(layout.resolve(ckpt_dir))
-    dtype = _saved_dtype(meta, hf_config)
-    critic = meta.get("model_kind") == "critic"
-    init_parallel(1, 1)
-    model = (build_critic_model if critic else build_gpt_model)(arch, EngineOptions(dtype=dtype, use_te=False))
-    load_checkpoint(ckpt_dir, model)
-    state = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v) and "_extra_state" not in k}
-    hf_state = megatron_to_hf_state(rules_for(arch, value_head=critic), state, arch)
-    # megatron keeps some tensors (norm weights) in fp32 whatever params_dtype says: cast back
-    size = write_safetensors({k: v.detach().cpu().to(DTYPES[dtype]) for k, v in hf_state.items()}, out_dir)
+    The tokenizer's eos joins the eos list rather than replacing it (Qwen2.5-Instruct stops on two ids).
+    """
+    file = hf_meta / "generation_config.json"
+    generation = json.loads(file.read_text()) if file.is_file() else {"do_sample": False}
+    ids = {key: hf_config.get(key) for key in ("eos_token_id", "pad_token_id", "bos_token_id")}
+    if any((hf_meta / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        from stepwise.tasks.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(hf_meta)
+        for key in ids:
+            value = getattr(tokenizer, key)
+            ids[key] = value if value is not None else ids[key]
+    for key, value in ids.items():
+        if value is None:
+            continue
+        current = generation.get(key)
+        if current is None:
+            generation[key] = value
+        elif key == "eos_token_id" and value not in (current if isinstance(current, list) else [current]):
+            generation[key] = (current if isinstance(current, list) else [current]) + [value]
+    return generation
+
+
+def _groups(triples, num_layers: int) -> list[list]:
+    """(rule, hf names, megatron name) grouped for reading: the embedding, each layer, then the rest."""
+    groups: list[list] = [[] for _ in range(num_layers + 2)]
+    for triple in triples:
+        key, layer = dist_io.locate(triple[2])
+        groups[0 if key.startswith("embedding.") else num_layers + 1 if layer is None else layer + 1].append(triple)
+    return [group for group in groups if group]
+
+
+def _check_keys(triples, stored: dict, iteration: Path, num_layers: int, dropped: tuple[str, ...]) -> None:
+    expected = set()
+    for _, _, name in triples:
+        key, layer = dist_io.locate(name)
+        if key not in stored:
+            raise MappingError(f"megatron checkpoint {iteration} is missing '{name}' (key '{key}')")
+        if layer is not None and stored[key][0][0] != num_layers:
+            raise MappingError(f"'{key}' holds {stored[key][0][0]} layers; config.json says {num_layers}")
+        expected.add(key)
+    unknown = sorted(key for key in set(stored) - expected if not key.startswith(dropped))
+    if unknown:
+        raise MappingError(f"megatron checkpoint has keys no rule maps: {unknown[:5]} ({len(unknown)} in all)")
+
+
+def _write_config(out_dir: Path, hf_meta: Path, hf_config: dict, dtype: str, critic: bool) -> None:
     for name in layout.TOKENIZER_FILES:
         if (hf_meta / name).is_file():
             shutil.copyfile(hf_meta / name, out_dir / name)
-    config = {k: v for k, v in hf_config.items() if k != "torch_dtype"}
-    config["dtype"] = dtype
+    config = dict(hf_config, dtype=dtype, torch_dtype=dtype)  # transformers 5 reads dtype; vLLM / 4.x torch_dtype
     if critic:  # a value model: HF *ForTokenClassification with one label
         prefix = hf_config.get("architectures", ["Qwen2ForCausalLM"])[0].replace("ForCausalLM", "").replace("ForTokenClassification", "")
         config.update(architectures=[f"{prefix}ForTokenClassification"], num_labels=1,
                       id2label={"0": "value"}, label2id={"value": 0})
     atomic_write_json(out_dir / "config.json", config)
-    generation = {"eos_token_id": hf_config.get("eos_token_id"), "pad_token_id": hf_config.get("pad_token_id"),
-                  "bos_token_id": hf_config.get("bos_token_id"), "do_sample": False}
-    if not (out_dir / "generation_config.json").exists():
-        atomic_write_json(out_dir / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
-    return {"tensors": len(hf_state), "bytes": size, "seconds": round(time.perf_counter() - began, 2),
-            "dtype": dtype, "out": str(out_dir)}
+    atomic_write_json(out_dir / "generation_config.json", generation_config(hf_meta, hf_config))
+
+
+def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
+                           hf_template: str | Path | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+                           progress: bool = True) -> dict:
+    """Convert; returns a summary (tensors and bytes written, files, seconds, dtype, peak RSS)."""
+    from tqdm import tqdm
+
+    from stepwise.parallel.runtime import init_parallel
+
+    began = time.perf_counter()
+    out_dir = Path(out_dir)
+    hf_meta = Path(hf_template) if hf_template else layout.hf_metadata_dir(ckpt_dir)
+    hf_config = json.loads((hf_meta / "config.json").read_text())
+    arch = arch_from_hf_dict(hf_config, source=str(hf_meta / "config.json"))
+    iteration = layout.resolve(ckpt_dir)
+    meta = layout.read_meta(iteration)
+    layout.verify_files(iteration, meta)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    dtype = dtype or saved_dtype(meta, hf_config)
+    critic = meta.get("model_kind") == "critic"
+    triples = pairs(rules_for(arch, value_head=critic), arch)
+    stored = dist_io.stored_tensors(iteration)
+    dropped = DROPPED_HEADS.get(meta.get("model_kind"), ())
+    _check_keys(triples, stored, iteration, arch.num_layers, dropped)
+
+    def slice_of(name):  # (shape, dtype) of this name's part of its stored tensor
+        key, layer = dist_io.locate(name)
+        shape, stored_dtype = stored[key]
+        return (shape if layer is None else shape[1:]), stored_dtype
+
+    groups = _groups(triples, arch.num_layers)
+    specs = [TensorSpec(hf_name, shape, DTYPES[dtype]) for group in groups for rule, hf_names, name in group
+             for hf_name, shape in zip(hf_names, hf_shapes(rule, slice_of(name)[0], arch))]
+    init_parallel(1, 1)
+
+    def tensors():
+        bar = tqdm(total=len(groups), desc="megatron -> hf", unit="layer", disable=not progress)
+        for group in groups:
+            loaded = dist_io.load_tensors(iteration, {name: slice_of(name) for _, _, name in group}, arch.num_layers)
+            for rule, hf_names, name in group:
+                for hf_name, tensor in zip(hf_names, to_hf_tensors(rule, loaded.pop(name), arch)):
+                    yield hf_name, tensor.to(DTYPES[dtype])
+            bar.update()
+        bar.close()
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(out_dir, hf_meta, hf_config, dtype, critic)  # first: an interrupted export then fails to load
+    written = write_sharded(specs, tensors(), out_dir, max_shard_size)
+    return {"tensors": len(specs), "bytes": written["bytes"], "files": len(written["files"]),
+            "dropped": sorted(key for key in stored if key.startswith(dropped)),
+            "seconds": round(time.perf_counter() - began, 2), "dtype": dtype, "peak_rss_mb": peak_rss_mb(),
+            "out": str(out_dir)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="megatron checkpoint -> HF directory")
+    parser = argparse.ArgumentParser(description="megatron checkpoint -> HF directory (streamed)")
     parser.add_argument("--ckpt", required=True, help="checkpoint root (follows 'latest') or iteration directory")
     parser.add_argument("--out", required=True, help="HF directory to write")
+    parser.add_argument("--hf-template", default=None, help="config.json + tokenizer source (default: CKPT/hf)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB, 500MB (default 5GB)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    print(json.dumps(convert_megatron_to_hf(args.ckpt, args.out)))
+    summary = convert_megatron_to_hf(args.ckpt, args.out, args.dtype, args.hf_template, args.max_shard_size,
+                                     progress=not args.no_progress)
+    print(json.dumps(summary))
     return 0

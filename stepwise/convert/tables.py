@@ -1,11 +1,12 @@
-"""Family -> weight table. Adding a family (Llama 3.x, Gemma 1.x) is one entry here and its file."""
+"""Family -> weight table. Adding a family is one entry here (and its `FAMILIES` entry in
+`stepwise.models.hf_config`); a family whose HF names differ gets its own table file."""
 from __future__ import annotations
 
+from stepwise.convert.decoder import decoder_rules
 from stepwise.convert.mapping import Rule
-from stepwise.convert.qwen2 import qwen2_rules
 from stepwise.models.hf_config import ModelArch
 
-TABLES = {"qwen2": qwen2_rules}
+TABLES = {"qwen2": decoder_rules, "llama": decoder_rules, "gemma": decoder_rules}
 
 
 def rules_for(arch: ModelArch, value_head: bool = False) -> list[Rule]:

@@ -3,7 +3,8 @@
 The layer spec is Transformer Engine's when `transformer_engine` imports and CUDA is present
 (FP8 then follows `fp8.enabled`), otherwise megatron's local spec with the SDPA core attention.
 The vocabulary is padded to a multiple of `make_vocab_size_divisible_by x TP`; the padded rows
-never receive probability: `stepwise.train.logprobs` masks them.
+never receive probability: `stepwise.train.logprobs` masks them. Family numerics (GeGLU, Gemma's
+(1 + w) norms and scaled embeddings, llama3 rope frequencies) come from `stepwise.models.variants`.
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import importlib.util
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from stepwise.models import variants
 from stepwise.models.attention import SDPAttention
 from stepwise.models.hf_config import ModelArch
 
@@ -74,8 +75,9 @@ def transformer_config(arch: ModelArch, options: EngineOptions):
         ffn_hidden_size=arch.ffn_hidden_size,
         normalization="RMSNorm",
         layernorm_epsilon=arch.norm_eps,
+        layernorm_zero_centered_gamma=arch.zero_centered_norm,
         gated_linear_unit=True,
-        activation_func=F.silu,
+        activation_func=variants.ACTIVATIONS[arch.activation],
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
         hidden_dropout=0.0,
@@ -100,8 +102,12 @@ def transformer_config(arch: ModelArch, options: EngineOptions):
     )
 
 
-def layer_spec(options: EngineOptions):
-    """TE spec when available (fused attention, FP8), else the local spec with SDPA attention."""
+def layer_spec(options: EngineOptions, config=None):
+    """TE spec when available (fused attention, FP8), else the local spec with SDPA attention.
+
+    With `config.layernorm_zero_centered_gamma` (Gemma) the local spec gets (1 + w) norms, the final
+    one included, so it becomes a block spec for this pipeline stage's layers.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
     use_te = te_available() if options.use_te is None else options.use_te
@@ -109,7 +115,17 @@ def layer_spec(options: EngineOptions):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+    if config is None or not config.layernorm_zero_centered_gamma:
+        return spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    spec.submodules.input_layernorm = variants.ZeroCenteredRMSNorm
+    spec.submodules.pre_mlp_layernorm = variants.ZeroCenteredRMSNorm
+    layers = [spec] * get_num_layers_to_build(config)
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+        layer_specs=layers, layer_norm=variants.ZeroCenteredRMSNorm))
 
 
 def build_gpt_model(arch: ModelArch, options: EngineOptions, max_seq_len: int | None = None):
@@ -117,12 +133,10 @@ def build_gpt_model(arch: ModelArch, options: EngineOptions, max_seq_len: int | 
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    if arch.rope_scaling:
-        raise NotImplementedError(f"rope_scaling {arch.rope_scaling} is not supported for {arch.family} yet")
     config = transformer_config(arch, options)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(options),
+        transformer_layer_spec=layer_spec(options, config),
         vocab_size=padded_vocab_size(arch.vocab_size, options),
         max_sequence_length=max_seq_len or arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -133,6 +147,9 @@ def build_gpt_model(arch: ModelArch, options: EngineOptions, max_seq_len: int | 
         rotary_percent=1.0,
         rotary_base=int(arch.rope_theta),
     )
+    variants.set_rope_frequencies(model, arch)
+    if arch.scale_embeddings and model.pre_process:
+        variants.scale_embedding_output(model, arch.hidden_size)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -1,4 +1,10 @@
-"""Weight table of the Qwen2 / Qwen2.5 family (QKV bias, SwiGLU, RMSNorm; tied or untied output)."""
+"""Weight table of the Llama-style decoders: Qwen2/2.5, Llama 3.x and Gemma 1.x.
+
+The three families name their weights alike (`model.layers.{i}.self_attn.q_proj` ...) and differ in
+numerics only (q/k/v biases, GeGLU, (1 + w) norms, scaled embeddings, llama3 rope), which the
+megatron model reproduces itself (`stepwise.models.variants`); so one table serves all three, with
+the bias and output rules following the architecture.
+"""
 from __future__ import annotations
 
 from stepwise.convert.mapping import Rule
@@ -8,7 +14,7 @@ ATTENTION = "model.layers.{i}.self_attn"
 LAYER = "decoder.layers.{i}"
 
 
-def qwen2_rules(arch: ModelArch, value_head: bool = False) -> list[Rule]:
+def decoder_rules(arch: ModelArch, value_head: bool = False) -> list[Rule]:
     """The table; `value_head` maps a critic (`*ForTokenClassification`, num_labels=1: `score`)."""
     rules = [
         Rule(("model.embed_tokens.weight",), "embedding.word_embeddings.weight", "vocab"),
