@@ -73,21 +73,28 @@ print_layout() {
 run_stepwise() {
     # run_stepwise [key=value ...]: run $RECIPE from the repo root (relative run.dir= is under it);
     # return its exit code. The run goes in the background so the USR1 warning
-    # (#SBATCH --signal=B:USR1@N) is logged while it runs.
+    # (#SBATCH --signal=B:USR1@N) reaches it: stepwise passes it to the training workers, which save
+    # at the same step and stop; stepwise then exits 75 and the job is requeued (when Slurm allows it,
+    # #SBATCH --requeue) to continue from that checkpoint.
     local status=0 child
     cd "$STEPWISE_ROOT"
     "${STEPWISE_CMD[@]}" run "$RECIPE" "$@" &
     child=$!
-    trap 'echo "[stepwise] USR1: the job time limit is near" >&2' USR1
+    trap 'echo "[stepwise] USR1: the job time limit is near; asking the workers to save and stop" >&2; kill -USR1 "$child" 2>/dev/null || true' USR1
     while true; do
         wait "$child" && status=0 || status=$?
         kill -0 "$child" 2>/dev/null || break  # still alive: wait was only interrupted by a signal
     done
     trap - USR1
     echo "[stepwise] exit code: $status"
+    if [[ "$status" == "$REQUEUE_EXIT_CODE" && -n "${SLURM_JOB_ID:-}" ]]; then
+        echo "[stepwise] saved for requeue; scontrol requeue $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID" || echo "[stepwise] requeue refused; resubmit the same command to continue" >&2
+    fi
     return "$status"
 }
 
+REQUEUE_EXIT_CODE=75  # stepwise.train.guard.REQUEUE_EXIT_CODE: saved on purpose, run again to continue
 STEPWISE_ROOT="$(stepwise_root)"
 export STEPWISE_ROOT
 activate_python

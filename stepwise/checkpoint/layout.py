@@ -4,8 +4,10 @@
     ROOT/iter_0000100/          megatron dist_checkpointing directory (+ stepwise.json)
     ROOT/hf/                    the source HF config.json + tokenizer files (the way back needs nothing else)
 
-An iteration is written to `iter_XXXXXXX.tmp/` and renamed into place only when complete; `latest`
-is replaced atomically after that, so a crash at any point leaves the previous checkpoint loadable.
+An iteration is written to `iter_XXXXXXX.tmp/`, fsynced, renamed into place only when complete, and
+`latest` is replaced atomically (temporary file + rename) after that, so a crash at any point leaves
+the previous checkpoint loadable. `stepwise.json` records every file's size; loading checks them, so
+a truncated shard or a missing file is an error naming that file, never a silent load.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
-from stepwise.data.jsonl import atomic_write_text
+from stepwise.data.jsonl import _fsync_dir, atomic_write_text
+from stepwise.parallel import inject
 
 LATEST = "latest"
 META = "stepwise.json"
@@ -47,9 +50,12 @@ def latest_iteration(root: str | Path) -> Path | None:
         return None
     name = pointer.read_text().strip()
     path = root / name
-    if not (path / META).is_file():
-        raise CheckpointError(f"{pointer}: points to {name}, which is missing or incomplete (no {META})")
-    return path
+    if name and (path / META).is_file():
+        return path
+    aside = root / (name + ".old")  # publish() was replacing this very iteration when it stopped
+    if name and (aside / META).is_file():
+        return aside
+    raise CheckpointError(f"{pointer}: points to '{name}', which is missing or incomplete (no {META})")
 
 
 def resolve(path: str | Path) -> Path:
@@ -67,7 +73,45 @@ def read_meta(iteration_dir: str | Path) -> dict:
     file = Path(iteration_dir) / META
     if not file.is_file():
         raise CheckpointError(f"{file}: missing (incomplete checkpoint)")
-    return json.loads(file.read_text())
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{file}: unreadable ({error})") from None
+
+
+def file_sizes(directory: str | Path) -> dict[str, int]:
+    """{relative path: size in bytes} of every file under `directory` (the publication manifest)."""
+    directory = Path(directory)
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def verify_files(iteration_dir: str | Path, meta: dict) -> None:
+    """Raise CheckpointError naming the first listed file that is missing or has the wrong size.
+
+    Checkpoints published before the manifest existed (no "files" in their meta) pass unchecked."""
+    iteration_dir = Path(iteration_dir)
+    for name, size in (meta.get("files") or {}).items():
+        path = iteration_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (incomplete or damaged checkpoint)")
+        found = path.stat().st_size
+        if found != size:
+            raise CheckpointError(f"{path}: {found} bytes, {size} when published (truncated or corrupt)")
+
+
+def fsync_tree(directory: str | Path) -> None:
+    """fsync every file and directory under `directory` (flushes this node's cache of the writes)."""
+    directory = Path(directory)
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(directory)
 
 
 def staging_dir(root: str | Path, step: int) -> Path:
@@ -79,15 +123,22 @@ def staging_dir(root: str | Path, step: int) -> Path:
 
 
 def publish(root: str | Path, step: int, meta: dict) -> Path:
-    """Finish a staged iteration: write its meta, rename it into place, repoint `latest`."""
+    """Finish a staged (and fsynced) iteration: write its meta with the file manifest, rename it into
+    place, repoint `latest`. An existing iteration of the same step is moved aside first and deleted
+    last; until `latest` is rewritten, `latest_iteration` falls back to the moved-aside copy."""
     root = Path(root)
     staged = root / (iteration_name(step) + ".tmp")
-    atomic_write_text(staged / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(staged / META, json.dumps({**meta, "files": file_sizes(staged)}, indent=2, sort_keys=True) + "\n")
     final = root / iteration_name(step)
+    aside = root / (iteration_name(step) + ".old")
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
     os.replace(staged, final)
+    _fsync_dir(root)
+    inject.kill_point("renamed", step)
     atomic_write_text(root / LATEST, iteration_name(step) + "\n")
+    shutil.rmtree(aside, ignore_errors=True)
     return final
 
 

@@ -1,7 +1,10 @@
 """Save and load model / optimizer / scheduler / RNG / trainer state as a megatron dist checkpoint.
 
 Tensors are stored with their global shapes (megatron `ShardedTensor`s), so a checkpoint written at
-one TP/PP loads at another. Every rank calls these functions together (they are collective).
+one TP/PP/DP loads at another (the per-rank RNG state only where the topology is the same). Every rank
+calls these functions together (they are collective). Saving stages, fsyncs (one process per node)
+and publishes atomically (`layout.publish`); loading first checks the file manifest on rank 0 and
+fails on every rank, naming the damaged file, before megatron reads a byte.
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ import torch
 import torch.distributed as dist
 
 from stepwise.checkpoint import layout
-from stepwise.parallel import cpu_shim
+from stepwise.parallel import cpu_shim, inject
+from stepwise.parallel.agree import raise_if_any
+from stepwise.parallel.runtime import launch_env
 
 
 def unwrap(model):
@@ -54,13 +59,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         cpu_shim.TRACKER.set_states(state["tracker"])
 
 
+def _topology() -> list[int]:
+    """[PP, TP, DP] sizes of the current megatron parallel state."""
+    from megatron.core import parallel_state as ps
+
+    return [ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_data_parallel_world_size()]
+
+
 def _rng_sharded_object():
     """This rank's RNG state as one element of a (PP, TP, DP) grid of objects."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-             ps.get_data_parallel_world_size())
+    shape = tuple(_topology())
     offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank())
     return ShardedObject("rng_state", _rng_state(), shape, offset, replica_id=0)
 
@@ -101,10 +113,16 @@ def save_checkpoint(
     state["trainer"] = dict(trainer_state or {})
     dist_checkpointing.save(state, str(staged))
     if dist.is_initialized():
+        dist.barrier()  # every rank's shards are written
+    if launch_env()[2] == 0:  # one process per node flushes what this node wrote
+        layout.fsync_tree(staged)
+    if dist.is_initialized():
         dist.barrier()
+    inject.kill_point("staged", step)
     final = Path(root) / layout.iteration_name(step)
     if rank0:
-        full_meta = {"step": step, "saved_at": time.time(), "has_optimizer": optimizer is not None}
+        full_meta = {"step": step, "saved_at": time.time(), "has_optimizer": optimizer is not None,
+                     "topology": _topology()}
         full_meta.update(meta or {})
         layout.publish(root, step, full_meta)
     if dist.is_initialized():
@@ -119,12 +137,24 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, loa
     Returns `{"meta": ..., "trainer": ...}`. The model may be at any TP/PP. `skip(key)` leaves
     matching model parameters as they are (a critic's fresh head on a policy trunk).
     """
-    from megatron.core import dist_checkpointing
-
     iteration = layout.resolve(path)
     meta = layout.read_meta(iteration)
     if optimizer is not None and not meta.get("has_optimizer"):
         raise layout.CheckpointError(f"{iteration}: holds no optimizer state (a model-only checkpoint)")
+    problem = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            layout.verify_files(iteration, meta)
+        except layout.CheckpointError as error:
+            problem = error
+    raise_if_any(problem)
+    if load_rng and meta.get("topology") not in (None, _topology()):
+        load_rng = False  # the per-rank RNG grid has another shape; model, optimizer and data order still load
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"[stepwise] {iteration}: saved at [PP, TP, DP] = {meta['topology']}, now {_topology()}; "
+                  "RNG state not restored", flush=True)
+    from megatron.core import dist_checkpointing
+
     template = _sharded_state(model, optimizer, with_rng=load_rng, is_loading=True, skip=skip)
     try:
         loaded = dist_checkpointing.load(template, str(iteration), strict="assume_ok_unexpected")

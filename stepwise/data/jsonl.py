@@ -86,23 +86,32 @@ def iter_jsonl(
 
     Blank lines are skipped. `required` maps keys to the type(s) their values must have.
     """
+    for where, line in numbered_lines(path):
+        yield parse_record(where, line, required)
+
+
+def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
+    """(`path:line`, text) of every non-blank line of a text file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     with path.open("r", encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: bad JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for key, expected in (required or {}).items():
-                _check_field(where, record, key, expected)
-            yield record
+            if line.strip():
+                yield f"{path}:{line_number}", line
+
+
+def parse_record(where: str, line: str, required: Mapping[str, type | tuple[type, ...]] | None = None) -> dict[str, Any]:
+    """One JSON object from `line`, its `required` keys checked; DataError messages start with `where`."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: bad JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key, expected in (required or {}).items():
+        _check_field(where, record, key, expected)
+    return record
 
 
 def read_jsonl(

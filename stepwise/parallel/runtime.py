@@ -75,7 +75,7 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int, int]:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     else:
         cpu_shim.install()
-    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+    if world_size == 1:  # alone: a fresh local port, never one inherited from a parent's process group
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(_free_port())
     dist.init_process_group(

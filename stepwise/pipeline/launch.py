@@ -1,12 +1,26 @@
-"""Launch the training workers of a stage: torchrun on one node (CPU or GPU), srun across a Slurm
-allocation. The runner waits, streams their output, and fails with the workers' exit code."""
+"""Launch the workers of a stage: torchrun on one node (CPU or GPU), srun across a Slurm allocation.
+The runner waits, streams their output, and fails with the workers' exit code.
+
+Preemption: SIGUSR1 / SIGTERM sent to the pipeline process (Slurm's `--signal`, or the batch
+script forwarding it) are passed to the launcher, which passes them to every worker (torchrun is told
+to forward SIGUSR1 too); the workers save at the same step and stop for requeue. They leave a marker
+file (torchrun reports their exit code 75 as 1), and `launch` raises `Requeue`, so `stepwise run`
+itself exits with 75 and a rerun continues from the saved step.
+"""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+from pathlib import Path
 
 from stepwise.config.schema import ParallelConfig
+from stepwise.train.guard import REQUEUE_EXIT_CODE, REQUEUE_MARKER_ENV, STOP_SIGNALS, Requeue
+
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 class LaunchError(RuntimeError):
@@ -19,7 +33,7 @@ def worker_command(parallel: ParallelConfig, module: str, args: list[str]) -> li
                 f"--ntasks-per-node={parallel.nproc_per_node}", sys.executable, "-m", module, *args]
     if parallel.nnodes > 1:
         raise LaunchError("parallel.nnodes > 1 needs parallel.launcher=srun (inside a Slurm allocation)")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--signals-to-handle={TORCHRUN_SIGNALS}",
             f"--nproc-per-node={parallel.nproc_per_node}", "-m", module, *args]
 
 
@@ -30,12 +44,26 @@ def worker_env(parallel: ParallelConfig) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "900")  # torchrun waits this long for the stop checkpoint
     env.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning")
     return env
 
 
 def launch(parallel: ParallelConfig, module: str, args: list[str]) -> None:
+    """Run the workers to the end; `Requeue` when they stopped on a signal or deadline, else LaunchError on failure."""
     command = worker_command(parallel, module, args)
-    completed = subprocess.run(command, env=worker_env(parallel))
-    if completed.returncode != 0:
-        raise LaunchError(f"workers exited with code {completed.returncode}: {' '.join(command)}")
+    with tempfile.TemporaryDirectory(prefix="stepwise-launch-") as scratch:
+        marker = Path(scratch) / "requeue"
+        child = subprocess.Popen(command, env={**worker_env(parallel), REQUEUE_MARKER_ENV: str(marker)})
+        in_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+        forwarding = {number: signal.signal(number, lambda sig, frame: child.send_signal(sig))
+                      for number in (STOP_SIGNALS if in_main else ())}
+        try:
+            code = child.wait()
+        finally:
+            for number, handler in forwarding.items():
+                signal.signal(number, handler)
+        if marker.is_file() or code == REQUEUE_EXIT_CODE:
+            raise Requeue(marker.read_text().strip() if marker.is_file() else "workers stopped for requeue")
+    if code != 0:
+        raise LaunchError(f"workers exited with code {code}: {' '.join(command)}")

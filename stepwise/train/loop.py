@@ -3,11 +3,16 @@
 It knows nothing about any particular loss: the loss plugin and the batch builder come in. A
 batch builder has `make_order(global_batch_size, seed)` (the resumable sample order),
 `micro_batches(indices, dp_rank, dp_size)` and `tokens(indices)`.
+
+Faults it handles (docs/reliability.md): a non-finite step follows `train.nan_policy` (skip: no
+update; stop: save the state before the step, raise NonFiniteError) on every rank alike; SIGUSR1 /
+SIGTERM or the `train.max_wall_minutes` deadline make every rank save at the same step boundary and
+raise `Requeue` (exit code 75). A resumed run drops metrics lines past its checkpoint, so a crash
+between checkpoints leaves no duplicate steps in `metrics.jsonl`.
 """
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,9 +20,13 @@ from typing import Callable
 from tqdm import tqdm
 
 from stepwise.checkpoint import layout as ckpt_layout
+from stepwise.checkpoint.retention import prune
 from stepwise.checkpoint.state import load_checkpoint, save_checkpoint
 from stepwise.config.schema import TrainConfig
+from stepwise.data.jsonl import atomic_write_text
+from stepwise.parallel import inject
 from stepwise.train.engine import Engine
+from stepwise.train.guard import NonFiniteError, Requeue, StopGuard, mark_requeue
 
 
 def total_steps(train: TrainConfig, batches, seed: int) -> int:
@@ -27,20 +36,53 @@ def total_steps(train: TrainConfig, batches, seed: int) -> int:
     return max(1, int(train.epochs * batches.make_order(train.global_batch_size, seed).steps_per_epoch))
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` iterations (never the one `latest` names)."""
+def latest_step(root: Path) -> int | None:
     latest = ckpt_layout.latest_iteration(root)
-    iterations = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for path in iterations[: max(0, len(iterations) - keep_last)]:
-        if latest is None or path.name != latest.name:
-            shutil.rmtree(path, ignore_errors=True)
+    return None if latest is None else int(ckpt_layout.read_meta(latest)["step"])
 
 
-def _save(engine: Engine, root: Path, step: int, order, train: TrainConfig, meta: dict) -> None:
+def _save(engine: Engine, root: Path, step: int, order_state: dict, train: TrainConfig, meta: dict,
+          counters: dict) -> float:
+    """Publish iteration `step` (collective), prune on rank 0; returns the seconds it took."""
+    began = time.perf_counter()
     save_checkpoint(root, step, engine.model, engine.optimizer, engine.scheduler,
-                    trainer_state={"step": step, "data_order": order.state_dict()}, meta=meta)
+                    trainer_state={"step": step, "data_order": order_state, **counters}, meta=meta)
     if engine.layout.rank == 0:
-        _prune(root, max(1, train.keep_last))
+        prune(root, max(1, train.keep_last), train.keep_every)
+    return time.perf_counter() - began
+
+
+def _resume(engine: Engine, root: Path, order) -> tuple[int, dict]:
+    """(first step to run, counters) from `root/latest`, or (0, fresh counters)."""
+    counters = {"nonfinite_steps": 0}
+    if ckpt_layout.latest_iteration(root) is None:
+        return 0, counters
+    state = load_checkpoint(root, engine.model, engine.optimizer, engine.scheduler, load_rng=True)["trainer"]
+    order.load_state_dict(state["data_order"])
+    counters["nonfinite_steps"] = int(state.get("nonfinite_steps", 0))
+    return int(state["step"]), counters
+
+
+def _trim_metrics(file: Path, start: int) -> None:
+    """Keep only the lines of steps <= `start` (steps after the checkpoint are about to rerun), and
+    drop a line a crash cut short."""
+    if not file.is_file():
+        return
+    lines = file.read_text().splitlines()
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= start
+        except (json.JSONDecodeError, AttributeError):
+            return False
+
+    kept = [line for line in lines if keep(line)]
+    if len(kept) != len(lines):
+        atomic_write_text(file, "".join(line + "\n" for line in kept))
+
+
+def _say(message: str) -> None:
+    print(f"[stepwise] {message}", flush=True)
 
 
 def run_training(
@@ -52,38 +94,79 @@ def run_training(
     seed: int,
     meta: dict,
     desc: str = "train",
+    on_step: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Train to the end (resuming from `out_dir/latest` if present); returns the last step's metrics."""
+    """Train to the end (resuming from `out_dir/latest` if present); returns the last step's metrics.
+
+    `on_step(metrics)` is called on every rank after each step. Raises `Requeue` after a stop
+    checkpoint (signal or deadline) and `NonFiniteError` under `nan_policy=stop`, on every rank.
+    """
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     order = batches.make_order(train.global_batch_size, seed)
     steps = total_steps(train, batches, seed)
-    start = 0
-    if ckpt_layout.latest_iteration(root) is not None:
-        state = load_checkpoint(root, engine.model, engine.optimizer, engine.scheduler, load_rng=True)["trainer"]
-        start = int(state["step"])
-        order.load_state_dict(state["data_order"])
-    log_rank = engine.layout.is_logging_rank
+    start, counters = _resume(engine, root, order)
+    rank, log_rank = engine.layout.rank, engine.layout.is_logging_rank
     metrics_file = root / "metrics.jsonl"
+    if log_rank and start:
+        _trim_metrics(metrics_file, start)
     progress = tqdm(total=steps, initial=start, desc=desc, disable=not log_rank, dynamic_ncols=True, mininterval=2.0)
     last: dict = {}
-    for step in range(start, steps):
-        indices = order.next_global_batch()
-        began = time.perf_counter()
-        metrics = engine.train_step(batches.micro_batches(indices, engine.layout.dp_rank, engine.layout.dp), loss_fn)
-        seconds = time.perf_counter() - began
-        tokens = batches.tokens(indices)
-        last = {"step": step + 1, **metrics, "tokens": tokens, "tokens_per_s": tokens / seconds, "step_s": seconds}
-        if log_rank:
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                 tok_s=f"{tokens / seconds:,.0f}", refresh=False)
-            if (step + 1) % train.log_every == 0 or step + 1 == steps:
-                with metrics_file.open("a") as handle:
-                    handle.write(json.dumps(last) + "\n")
-        if train.save_every and (step + 1) % train.save_every == 0 and step + 1 < steps:
-            _save(engine, root, step + 1, order, train, meta)
-    progress.close()
-    if ckpt_layout.latest_iteration(root) is None or ckpt_layout.read_meta(ckpt_layout.latest_iteration(root))["step"] != steps:
-        _save(engine, root, steps, order, train, meta)
+    with StopGuard(train.max_wall_minutes) as guard:
+        try:
+            for step in range(start, steps):
+                before = order.state_dict()
+                indices = order.next_global_batch()
+                began = time.perf_counter()
+                micro = batches.micro_batches(indices, engine.layout.dp_rank, engine.layout.dp)
+                metrics = engine.train_step(micro, inject.nan_loss(loss_fn, rank, step + 1))
+                seconds = time.perf_counter() - began
+                guard.record_step(seconds)
+                counters["nonfinite_steps"] += int(metrics["nonfinite"])
+                tokens = batches.tokens(indices)
+                last = {"step": step + 1, **metrics, "nonfinite_total": counters["nonfinite_steps"],
+                        "tokens": tokens, "tokens_per_s": tokens / seconds, "step_s": seconds}
+                if log_rank:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                         tok_s=f"{tokens / seconds:,.0f}", refresh=False)
+                    if (step + 1) % train.log_every == 0 or step + 1 == steps or metrics["nonfinite"]:
+                        with metrics_file.open("a") as handle:
+                            handle.write(json.dumps(last) + "\n")
+                if on_step is not None:
+                    on_step(last)
+                if metrics["nonfinite"]:
+                    _non_finite(engine, root, step, before, train, meta, counters, last)
+                if step + 1 < steps:
+                    reason = guard.agreed_reason()
+                    if reason or (train.save_every and (step + 1) % train.save_every == 0):
+                        guard.record_save(_save(engine, root, step + 1, order.state_dict(), train, meta, counters))
+                    if reason:
+                        message = (f"stopping at step {step + 1} of {steps} ({reason}); "
+                                   f"{ckpt_layout.iteration_name(step + 1)} published; rerun to continue")
+                        if log_rank:
+                            _say(message)
+                            mark_requeue(message)
+                        raise Requeue(message)
+        finally:
+            progress.close()
+    if latest_step(root) != steps:
+        _save(engine, root, steps, order.state_dict(), train, meta, counters)
     return last
+
+
+def _non_finite(engine: Engine, root: Path, step: int, before: dict, train: TrainConfig, meta: dict,
+                counters: dict, metrics: dict) -> None:
+    """The step made no update (on any rank). skip: log and go on; stop: save the state before this
+    step (data cursor included, so a rerun retries the same batch) and raise on every rank."""
+    what = (f"step {step + 1}: non-finite loss or gradient norm on at least one rank "
+            f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); no update")
+    if train.nan_policy != "stop":
+        if engine.layout.is_logging_rank:
+            _say(f"{what}; skipped (train.nan_policy=skip, {counters['nonfinite_steps']} so far)")
+        return
+    if latest_step(root) != step:
+        saved = dict(counters, nonfinite_steps=counters["nonfinite_steps"] - 1)
+        _save(engine, root, step, before, train, meta, saved)
+    raise NonFiniteError(f"{what}; stopped (train.nan_policy=stop) with {ckpt_layout.iteration_name(step)} "
+                         f"in {root} holding the state before it; rerun with train.nan_policy=skip to step over it")
