@@ -2,7 +2,8 @@
 
 A plugin has a name, an options dataclass (strictly parsed from `train.loss_args`) and
 `compute(options, batch, outputs) -> (loss, metrics)`, where outputs are token log-probs [B, S] for
-policy losses and value-head logits [B, S] for critic losses. `batch` is one micro-batch of tensors; it
+policy losses, value-head logits [B, S] for critic losses, and `{"logprobs": [B, S], "values": [B, S]}`
+for policy-value losses (`dqo`, `dro`). `batch` is one micro-batch of tensors; it
 carries `normalizer`, the count (tokens, sequences, actions...) over the *whole global batch*, so the
 loss is a sum divided by a global constant: splitting a global batch into micro-batches x
 accumulation x DP ranks yields the same gradient (gradients are summed, never averaged).
@@ -26,10 +27,11 @@ Metrics = dict[str, torch.Tensor]
 class LossPlugin:
     name: str
     options: type
-    compute: Callable[[Any, dict[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, Metrics]]
-    normalizer: str  # what `batch["normalizer"]` counts: "tokens", "sequences", "actions", "states"
+    compute: Callable[[Any, dict[str, torch.Tensor], Any], tuple[torch.Tensor, Metrics]]  # outputs: see above
+    normalizer: str  # what `batch["normalizer"]` counts: "tokens", "sequences", "actions", "states", "pairs"
     data_kind: str  # which batch builder feeds it, e.g. "sft"
-    model_kind: str = "policy"  # "policy": compute gets token log-probs; "critic": value-head logits
+    model_kind: str = "policy"  # "policy": token log-probs; "critic": value-head logits;
+    # "policy_value": {"logprobs", "values"} from one model with both outputs
 
     def parse_options(self, args: dict[str, Any] | None):
         """Build the options dataclass; unknown keys raise naming the closest valid one."""

@@ -1,8 +1,9 @@
 """The critic / value model: a GPTModel trunk whose output layer is a scalar head.
 
 `build_critic_model` returns a GPTModel whose forward gives head logits of shape [B, S, 1];
-V(s) = sigmoid(head(hidden at the last token of s)). The head is replicated across TP ranks (the
-final hidden states are full on every TP rank), so it needs no special parallel handling. A critic
+V(s) = sigmoid(head(hidden at the last token of s)). The head is replicated across TP ranks: it reads
+the full final hidden states (gathered along the sequence first when sequence parallelism splits
+them) and every TP rank computes the same values and the same head gradient. A critic
 is initialised from a causal-LM checkpoint (trunk loaded, head freshly initialised) or from a
 critic checkpoint; it exports as HF `*ForTokenClassification` with `num_labels=1` (`score` head).
 """
@@ -28,6 +29,10 @@ class ValueHead(MegatronModule):
             self.weight.normal_(0.0, init_std)
 
     def forward(self, hidden: torch.Tensor, weight=None, runtime_gather_output=None):
+        if self.config.sequence_parallel:  # [S/TP, B, H] -> [S, B, H]; backward keeps this rank's slice
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         return torch.nn.functional.linear(hidden, self.weight, self.bias), None
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stepwise.data.jsonl import DataError
-from stepwise.train.batches import collate_sft, dp_slice, pad_length, split_micro_batches
+from stepwise.data.records import RecordScreen
+from stepwise.train.batches import SequenceBatches, collate_sft, dp_slice, split_micro_batches, too_long
 
 PAD_INDEX = -1
 
@@ -65,8 +65,10 @@ class StatewiseOrder:
         self.consumed = int(state["consumed"])
 
 
-def tokenize_actions(records: list[dict], tokenizer, max_seq_len: int, source: str = "data") -> list[dict]:
-    """Token records `{"ids", "mask", "state", "advantage", "ref_logp"}` (mask: the action's tokens)."""
+def tokenize_actions(records: list[dict], tokenizer, max_seq_len: int, source: str = "data", *,
+                     where: list[str] | None = None, screen: RecordScreen | None = None) -> list[dict]:
+    """Token records `{"ids", "mask", "state", "advantage", "ref_logp"}` (mask: the action's tokens).
+    Over-long records: see `batches.too_long`."""
     out = []
     for index, record in enumerate(records):
         state = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
@@ -75,24 +77,19 @@ def tokenize_actions(records: list[dict], tokenizer, max_seq_len: int, source: s
             action = action + [tokenizer.eos_token_id]
         ids = state + action
         if len(ids) > max_seq_len + 1:
-            raise DataError(f"{source}: record {index}: {len(ids)} tokens exceed model.max_seq_len={max_seq_len}")
+            too_long(index, len(ids), max_seq_len, source, where, screen)
+            continue
         out.append({"ids": ids, "mask": [0] * len(state) + [1] * len(action), "state": str(record["state_id"]),
                     "advantage": float(record["advantage"]), "ref_logp": float(record["ref_logp"])})
     return out
 
 
-class ActionBatches:
+class ActionBatches(SequenceBatches):
     """This DP rank's micro-batches of a state-wise global batch (normaliser: real actions)."""
 
     def __init__(self, sequences: list[dict], pad_id: int, max_seq_len: int, micro_batch_size: int):
-        self.sequences = sequences
-        self.pad_id = pad_id
-        self.max_seq_len = max_seq_len
-        self.micro_batch_size = micro_batch_size
+        super().__init__(sequences, pad_id, max_seq_len, micro_batch_size)
         self._padding = {"ids": [pad_id, pad_id], "mask": [0, 0], "advantage": 0.0, "ref_logp": 0.0}
-
-    def __len__(self) -> int:
-        return len(self.sequences)
 
     def make_order(self, global_batch_size: int, seed: int) -> StatewiseOrder:
         groups: dict[str, list[int]] = {}
@@ -107,11 +104,16 @@ class ActionBatches:
         return sum(len(self.sequences[i]["ids"]) - 1 for i in indices if i != PAD_INDEX)
 
     def micro_batches(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
-        chosen = [self._get(i) for i in indices]
-        length = pad_length([len(s["ids"]) - 1 for s in chosen], self.max_seq_len)
         mine = [self._get(i) for i in dp_slice(indices, dp_rank, dp_size)]
-        batch = collate_sft(mine, length, self.pad_id)
+        batch = collate_sft(mine, self.length([self._get(i) for i in indices]), self.pad_id)
         batch["advantage"] = torch.tensor([s["advantage"] for s in mine])
         batch["ref_logp"] = torch.tensor([s["ref_logp"] for s in mine])
         batch["normalizer"] = torch.tensor(float(max(1, sum(i != PAD_INDEX for i in indices))))
         return split_micro_batches(batch, self.micro_batch_size)
+
+
+def build_batches(records: list[dict], tokenizer, config, train, source: str = "data", *, where=None,
+                  screen=None) -> ActionBatches:
+    """The worker's entry point for data kind `action`."""
+    sequences = tokenize_actions(records, tokenizer, config.model.max_seq_len, source, where=where, screen=screen)
+    return ActionBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)

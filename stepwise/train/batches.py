@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stepwise.data.jsonl import DataError
+
 
 @dataclass
 class DataOrder:
@@ -48,6 +50,16 @@ class DataOrder:
         self.consumed = int(state["consumed"])
 
 
+def too_long(index: int, length: int, max_seq_len: int, source: str, where: list[str] | None, screen) -> None:
+    """Report record `index` of `length` tokens: raise DataError naming `where[index]` (else
+    `source: record index`), or let a lenient `RecordScreen` skip and count it."""
+    label = where[index] if where else f"{source}: record {index}"
+    what = f"{length} tokens exceed model.max_seq_len={max_seq_len}"
+    if screen is None:
+        raise DataError(f"{label}: {what}")
+    screen.reject(label, what)
+
+
 def dp_slice(indices: list[int], dp_rank: int, dp_size: int) -> list[int]:
     per_rank = len(indices) // dp_size
     return indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
@@ -83,3 +95,34 @@ def split_micro_batches(batch: dict[str, torch.Tensor], micro_batch_size: int) -
     for start in range(0, size, micro_batch_size):
         micro.append({k: (v[start : start + micro_batch_size] if v.dim() > 0 else v) for k, v in batch.items()})
     return micro
+
+
+class SequenceBatches:
+    """What every batch builder shares: token records (`{"ids", ...}`), the padding id, the length cap,
+    the micro-batch size and a seeded order over the records. Subclasses write `micro_batches`.
+    `label_shift` is 1 for next-token records (len(ids) - 1 positions), 0 when every token is read."""
+
+    label_shift = 1
+
+    def __init__(self, sequences: list[dict], pad_id: int, max_seq_len: int, micro_batch_size: int):
+        self.sequences = sequences
+        self.pad_id = pad_id
+        self.max_seq_len = max_seq_len
+        self.micro_batch_size = micro_batch_size
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def make_order(self, global_batch_size: int, seed: int) -> DataOrder:
+        return DataOrder(len(self.sequences), global_batch_size, seed)
+
+    def tokens(self, indices: list[int]) -> int:
+        return sum(len(self.sequences[i]["ids"]) - self.label_shift for i in indices)
+
+    def length(self, sequences: list[dict]) -> int:
+        """Padded length of a global batch of `sequences` (every DP rank pads alike)."""
+        return pad_length([len(s["ids"]) - self.label_shift for s in sequences], self.max_seq_len)
+
+    def mine(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict]:
+        return [self.sequences[i] for i in dp_slice(indices, dp_rank, dp_size)]
+

@@ -3,9 +3,13 @@
 Gradients are *summed* over micro-batches and DP ranks (`calculate_per_token_loss=True`, DDP scaling
 factor 1): loss plugins already divide by a global-batch normaliser. The step runs megatron's own
 pipeline schedule (`get_forward_backward_func`), so PP > 1 uses 1F1B with p2p between stages.
+
+A step whose loss (on any rank) or gradient norm is not finite makes no update on any rank: the
+flag travels in the same all-reduce as the step's metrics, before the optimizer would step.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -15,6 +19,7 @@ import torch.distributed as dist
 from stepwise.config.schema import ModelConfig, ParallelConfig, TrainConfig
 from stepwise.models.builder import EngineOptions, build_gpt_model
 from stepwise.models.hf_config import ModelArch
+from stepwise.models.policy_value import split_policy_value
 from stepwise.parallel.runtime import Layout
 from stepwise.train.logprobs import token_logprobs
 
@@ -49,7 +54,8 @@ class Engine:
     arch: ModelArch
     layout: Layout
     seq_length_cap: int
-    kind: str = "policy"  # "critic": outputs are value-head logits, not token log-probs
+    kind: str = "policy"  # what loss plugins get: "policy" token log-probs, "critic" value-head logits,
+    # "policy_value" {"logprobs", "values"} from one model (stepwise.models.policy_value)
 
     def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Callable) -> list[dict]:
         """Accumulate gradients of `micro_batches` (summed, DP-reduced) into the grad buffers."""
@@ -71,14 +77,35 @@ class Engine:
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Callable) -> dict[str, float]:
         """One optimizer step over `micro_batches` (this DP rank's share of a global batch)."""
         losses = self.forward_backward(micro_batches, loss_fn)
-        updated, grad_norm, _ = self.optimizer.step()
-        if updated:
+        found_inf = self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm() or 0.0)
+        local_loss = sum(float(item["loss"]) for item in losses) if losses else 0.0
+        bad = found_inf or not math.isfinite(local_loss) or not math.isfinite(grad_norm)
+        metrics = self._reduce_metrics(losses, nonfinite=1.0 if bad else 0.0)
+        nonfinite = metrics["nonfinite"] > 0  # any rank: every rank takes the same branch
+        if not nonfinite:
+            self._clip(grad_norm)
+            self.optimizer.step_with_ready_grads()
             self.scheduler.step(increment=1)
-        metrics = self._reduce_metrics(losses)
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["nonfinite"] = 1.0 if nonfinite else 0.0
+        metrics["grad_norm"] = grad_norm
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        metrics["skipped"] = 0.0 if updated else 1.0
+        metrics["skipped"] = 1.0 if nonfinite else 0.0
         return metrics
+
+    def _clip(self, grad_norm: float) -> None:
+        """Scale gradients by clip_grad / norm (megatron's own clip function, resolved at call time so
+        the CPU shim's replacement applies), for each of the chained optimizers."""
+        import megatron.core.optimizer.optimizer as megatron_optimizer
+
+        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if getattr(optimizer, "is_stub_optimizer", False) or optimizer.config.clip_grad <= 0.0:
+                continue
+            parameters = optimizer.get_parameters()
+            if parameters:
+                megatron_optimizer.clip_grad_by_total_norm_fp32(
+                    parameters, max_norm=optimizer.config.clip_grad, total_norm=grad_norm,
+                    use_decoupled_grad=optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
 
     def _forward_step(self, loss_fn: Callable):
         device = self.layout.device
@@ -91,6 +118,9 @@ class Engine:
             def loss_func(logits):
                 if self.kind == "critic":
                     outputs = logits.squeeze(-1)
+                elif self.kind == "policy_value":
+                    vocab_logits, values = split_policy_value(logits)
+                    outputs = {"logprobs": token_logprobs(vocab_logits, batch["labels"], vocab), "values": values.float()}
                 else:
                     outputs = token_logprobs(logits, batch["labels"], vocab)
                 loss, metrics = loss_fn(batch, outputs)
@@ -101,9 +131,10 @@ class Engine:
 
         return forward_step
 
-    def _reduce_metrics(self, per_micro_batch: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Sum metrics over micro-batches and DP ranks (last stage holds them; TP ranks agree)."""
-        local: dict[str, float] = {}
+    def _reduce_metrics(self, per_micro_batch: list[dict[str, torch.Tensor]], nonfinite: float) -> dict[str, float]:
+        """Sum metrics over micro-batches and DP ranks (last stage holds them; TP ranks agree), and
+        every rank's `nonfinite` flag (> 0 after the reduction when any rank raised it)."""
+        local: dict[str, float] = {"nonfinite": nonfinite}
         for item in per_micro_batch:
             for name, value in item.items():
                 local[name] = local.get(name, 0.0) + float(value)
@@ -122,12 +153,13 @@ def build_engine(
 ) -> Engine:
     """Model (policy or critic), DDP wrapper, megatron optimizer and scheduler for `total_steps` steps."""
     from stepwise.models.critic import build_critic_model
+    from stepwise.models.policy_value import build_policy_value_model
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     options = engine_options(model_config, parallel)
-    builder = build_critic_model if kind == "critic" else build_gpt_model
+    builder = {"critic": build_critic_model, "policy_value": build_policy_value_model}.get(kind, build_gpt_model)
     model = builder(arch, options, max_seq_len=model_config.max_seq_len)
     config = model.config
     distributed_optimizer = parallel.use_distributed_optimizer and torch.cuda.is_available()

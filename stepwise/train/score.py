@@ -1,11 +1,15 @@
 """Forward-only scoring at any TP/PP/DP, one process per GPU (launched like the training workers).
 
-    python -m stepwise.train.score --recipe R.yaml --ckpt CKPT --kind critic|policy --data D.jsonl \
+    python -m stepwise.train.score --recipe R.yaml --ckpt CKPT --kind critic|policy|tokens --data D.jsonl \
         --tokenizer DIR --out DIR
 
 `critic`: records `{"prompt", "steps", "mc"}` (as for critic training; `mc` only sizes the output)
 -> `values`: sigmoid(head) at the end of each state. `policy`: action records (as for
-`skywork_dapo`) -> `logp`: log pi(action | state), summed over the action's tokens. Each DP group
+`skywork_dapo`) -> `logp`: log pi(action | state), summed over the action's tokens. `tokens`: records
+`{"prompt", "response", "token_ids" (optional)}` -> `logprobs`: log pi of each response token, eos
+included, tokenized exactly as the `trajectory` builder does (so the list can be a trajectory's
+`ref_logp` / `behaviour_logp` as is, and its sum is the `pair` / `labelled` builders' sequence log-prob
+of prompt + response + eos). Each DP group
 scores a contiguous slice and writes `OUT/part_<dp>.jsonl` (`{"index", ...}`); `read_scores` merges.
 """
 from __future__ import annotations
@@ -15,6 +19,27 @@ import sys
 from pathlib import Path
 
 import torch
+
+
+def as_trajectories(records: list[dict], tokenizer) -> list[dict]:
+    """`tokens` records as `trajectory` records with zero placeholders, one per response token (the
+    response's `token_ids` when given, else its tokens and eos, as `trajectory_data` tokenizes them)."""
+    out = []
+    for record in records:
+        ids = record.get("token_ids")
+        n = len(ids) if ids is not None else len(tokenizer(record["response"], add_special_tokens=False)["input_ids"]) + 1
+        trajectory = {"prompt": record["prompt"], "response": record["response"], "reward": 0.0,
+                      "behaviour_logp": [0.0] * n, "ref_logp": [0.0] * n}
+        if ids is not None:
+            trajectory["token_ids"] = ids
+        out.append(trajectory)
+    return out
+
+
+def response_token_values(values: torch.Tensor, loss_mask: torch.Tensor) -> list[list[float]]:
+    """Per row, the entries of [B, S] `values` at the response positions (position t: token t+1)."""
+    mask = loss_mask.bool()
+    return [values[row][mask[row]].tolist() for row in range(values.shape[0])]
 
 
 def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device) -> list[list[float]]:
@@ -33,6 +58,8 @@ def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device) -
                 values = torch.sigmoid(logits.squeeze(-1).float())
                 mask = batch["value_mask"].bool()
                 results.extend([values[row][mask[row]].tolist() for row in range(values.shape[0])])
+            elif kind == "tokens":
+                results.extend(response_token_values(token_logprobs(logits, batch["labels"], vocab), batch["loss_mask"]))
             else:
                 logp = (token_logprobs(logits, batch["labels"], vocab) * batch["loss_mask"]).sum(dim=1)
                 results.extend([[v] for v in logp.tolist()])
@@ -52,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name in ("--recipe", "--ckpt", "--data", "--tokenizer", "--out"):
         parser.add_argument(name, required=True)
-    parser.add_argument("--kind", choices=["critic", "policy"], required=True)
+    parser.add_argument("--kind", choices=["critic", "policy", "tokens"], required=True)
     parser.add_argument("--micro-batch-size", type=int, default=64)
+    parser.add_argument("--section", default="policy", help="the train section whose layout the scoring runs at")
     args = parser.parse_args(argv)
 
     from stepwise.checkpoint import layout as ckpt_layout
@@ -70,16 +98,23 @@ def main(argv: list[str] | None = None) -> int:
     from stepwise.train.worker import build_batches
 
     config = load_resolved(Path(args.recipe).read_text())
-    layout = init_parallel(config.parallel.tp, config.parallel.pp, seed=config.run.seed)
+    parallel = config.layout_for(args.section)
+    layout = init_parallel(parallel.tp, parallel.pp, seed=config.run.seed)
     arch = arch_from_hf(ckpt_layout.hf_metadata_dir(args.ckpt))
     builder = build_critic_model if args.kind == "critic" else build_gpt_model
-    model = builder(arch, engine_options(config.model, config.parallel), max_seq_len=config.model.max_seq_len)
+    model = builder(arch, engine_options(config.model, parallel), max_seq_len=config.model.max_seq_len)
     load_checkpoint(args.ckpt, model)
     model.eval()
     records = read_jsonl(args.data)
     config.sft.micro_batch_size = args.micro_batch_size
-    kind = "values" if args.kind == "critic" else "action"
-    batches = build_batches(kind, records, load_tokenizer(args.tokenizer), config, config.sft, args.data)
+    tokenizer = load_tokenizer(args.tokenizer)
+    if args.kind == "tokens":
+        from stepwise.train.trajectory_data import build_batches as trajectory_batches
+
+        batches = trajectory_batches(as_trajectories(records, tokenizer), tokenizer, config, config.sft, args.data)
+    else:
+        kind = "values" if args.kind == "critic" else "action"
+        batches = build_batches(kind, records, tokenizer, config, config.sft, args.data)
     mine = dp_slice(list(range(len(records))), layout.dp_rank, layout.dp)
     mine += list(range(len(records)))[len(mine) * layout.dp :] if layout.dp_rank == layout.dp - 1 else []
     scores: list[list[float]] = []
@@ -87,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         chunk = mine[start : start + args.micro_batch_size]
         scores += _score_batches(model, batches.micro_batches(chunk, 0, 1), args.kind, arch.vocab_size, layout.device)
     if layout.is_last_stage and layout.tp_rank == 0:
-        key = "values" if args.kind == "critic" else "logp"
-        rows = [{"index": i, key: s if args.kind == "critic" else s[0]} for i, s in zip(mine, scores)]
+        key = {"critic": "values", "tokens": "logprobs"}.get(args.kind, "logp")
+        rows = [{"index": i, key: s if args.kind != "policy" else s[0]} for i, s in zip(mine, scores)]
         write_jsonl(Path(args.out) / f"part_{layout.dp_rank:04d}.jsonl", rows)
     shutdown()
     return 0

@@ -10,12 +10,15 @@ from __future__ import annotations
 import torch
 
 from stepwise.data.jsonl import DataError
-from stepwise.train.batches import DataOrder, dp_slice, pad_length, split_micro_batches
+from stepwise.data.records import RecordScreen
+from stepwise.train.batches import SequenceBatches, split_micro_batches, too_long
 
 
 def tokenize_states(records: list[dict], tokenizer, max_seq_len: int, separator: str = "\n",
-                    source: str = "data") -> list[dict]:
-    """Token records `{"ids", "positions", "targets"}`: positions[t] is the last token of state t."""
+                    source: str = "data", *, where: list[str] | None = None,
+                    screen: RecordScreen | None = None) -> list[dict]:
+    """Token records `{"ids", "positions", "targets"}`: positions[t] is the last token of state t.
+    Over-long records: see `batches.too_long`."""
     out = []
     for index, record in enumerate(records):
         ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
@@ -25,9 +28,14 @@ def tokenize_states(records: list[dict], tokenizer, max_seq_len: int, separator:
             ends.append(len(ids) - 1)
         mc = [float(v) for v in record["mc"]]
         if len(mc) > len(ends):
-            raise DataError(f"{source}: record {index}: {len(mc)} MC values for {len(ends)} states")
+            label = where[index] if where else f"{source}: record {index}"
+            if screen is None:
+                raise DataError(f"{label}: {len(mc)} MC values for {len(ends)} states")
+            screen.reject(label, f"{len(mc)} MC values for {len(ends)} states")
+            continue
         if len(ids) > max_seq_len:
-            raise DataError(f"{source}: record {index}: {len(ids)} tokens exceed model.max_seq_len={max_seq_len}")
+            too_long(index, len(ids), max_seq_len, source, where, screen)
+            continue
         out.append({"ids": ids, "positions": ends[: len(mc)], "targets": mc})
     return out
 
@@ -46,27 +54,21 @@ def collate_values(sequences: list[dict], length: int, pad_id: int) -> dict[str,
             "value_mask": value_mask, "value_target": value_target}
 
 
-class ValueBatches:
+class ValueBatches(SequenceBatches):
     """This DP rank's micro-batches of a global batch of solution records (normaliser: states)."""
 
-    def __init__(self, sequences: list[dict], pad_id: int, max_seq_len: int, micro_batch_size: int):
-        self.sequences = sequences
-        self.pad_id = pad_id
-        self.max_seq_len = max_seq_len
-        self.micro_batch_size = micro_batch_size
-
-    def __len__(self) -> int:
-        return len(self.sequences)
-
-    def make_order(self, global_batch_size: int, seed: int) -> DataOrder:
-        return DataOrder(len(self.sequences), global_batch_size, seed)
-
-    def tokens(self, indices: list[int]) -> int:
-        return sum(len(self.sequences[i]["ids"]) for i in indices)
+    label_shift = 0  # values are read at token positions, not next-token labels
 
     def micro_batches(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
         chosen = [self.sequences[i] for i in indices]
-        length = pad_length([len(s["ids"]) for s in chosen], self.max_seq_len)
-        batch = collate_values([self.sequences[i] for i in dp_slice(indices, dp_rank, dp_size)], length, self.pad_id)
+        batch = collate_values(self.mine(indices, dp_rank, dp_size), self.length(chosen), self.pad_id)
         batch["normalizer"] = torch.tensor(float(max(1, sum(len(s["positions"]) for s in chosen))))
         return split_micro_batches(batch, self.micro_batch_size)
+
+
+def build_batches(records: list[dict], tokenizer, config, train, source: str = "data", *, where=None,
+                  screen=None) -> ValueBatches:
+    """The worker's entry point for data kind `values`."""
+    sequences = tokenize_states(records, tokenizer, config.model.max_seq_len, config.skywork_dapo.separator,
+                                source=source, where=where, screen=screen)
+    return ValueBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)

@@ -4,11 +4,14 @@
         --tokenizer DIR --init CKPT --out CKPT_ROOT
 
 Loads the resolved recipe, starts the parallel runtime, builds the engine, loads the initial weights
-(unless resuming from OUT), and runs the loop with the section's loss plugin.
+(unless resuming from OUT), and runs the loop with the section's loss plugin. Exit status: 0 done;
+75 (`train.guard.REQUEUE_EXIT_CODE`) saved and stopped on SIGUSR1/SIGTERM or `max_wall_minutes`,
+run the same command again to continue; anything else is an error (docs/reliability.md).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from functools import partial
@@ -17,24 +20,19 @@ from pathlib import Path
 from stepwise.checkpoint import layout as ckpt_layout
 
 
-def build_batches(kind: str, records: list[dict], tokenizer, config, train, source: str):
-    """The batch builder for a plugin's `data_kind`."""
-    if kind == "sft":
-        from stepwise.train.sft_data import SFTBatches, tokenize_sft
+DATA_MODULES = {"sft": "sft_data", "values": "value_data", "action": "action_data",
+                "trajectory": "trajectory_data", "pair": "pair_data", "labelled": "labelled_data"}
 
-        sequences = tokenize_sft(records, tokenizer, config.model.max_seq_len, source)
-        return SFTBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
-    if kind == "values":
-        from stepwise.train.value_data import ValueBatches, tokenize_states
 
-        sequences = tokenize_states(records, tokenizer, config.model.max_seq_len, source=source)
-        return ValueBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
-    if kind == "action":
-        from stepwise.train.action_data import ActionBatches, tokenize_actions
-
-        sequences = tokenize_actions(records, tokenizer, config.model.max_seq_len, source=source)
-        return ActionBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
-    raise ValueError(f"no batch builder for data kind '{kind}'")
+def build_batches(kind: str, records: list[dict], tokenizer, config, train, source: str, *,
+                  where: list[str] | None = None, screen=None):
+    """The batch builder for a plugin's `data_kind` (`stepwise.train.<module>.build_batches`); `where`
+    (`path:line` per record) and a lenient `screen` (data.records.RecordScreen) let over-long samples
+    be reported by line and skipped where the builder supports it."""
+    if kind not in DATA_MODULES:
+        raise ValueError(f"no batch builder for data kind '{kind}'; known: {sorted(DATA_MODULES)}")
+    module = importlib.import_module(f"stepwise.train.{DATA_MODULES[kind]}")
+    return module.build_batches(records, tokenizer, config, train, source, where=where, screen=screen)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     from stepwise import losses
     from stepwise.checkpoint.state import load_checkpoint
     from stepwise.config.loader import load_resolved
-    from stepwise.data.jsonl import read_jsonl
+    from stepwise.data.records import RecordScreen, read_records
     from stepwise.models.critic import is_head_key
+    from stepwise.models.policy_value import is_value_head_key
     from stepwise.models.hf_config import arch_from_hf
+    from stepwise.parallel.agree import rank_symmetric
     from stepwise.parallel.runtime import init_parallel, shutdown
     from stepwise.tasks.tokenizer import load_tokenizer
     from stepwise.train.engine import build_engine
@@ -65,26 +65,31 @@ def main(argv: list[str] | None = None) -> int:
         train.max_steps = args.max_steps
     plugin = losses.get(train.loss)
     options = plugin.parse_options(train.loss_args)
-    layout = init_parallel(config.parallel.tp, config.parallel.pp, seed=config.run.seed)
-    hf_dir = ckpt_layout.hf_metadata_dir(args.init)
-    arch = arch_from_hf(hf_dir)
-    tokenizer = load_tokenizer(args.tokenizer)
-    records = read_jsonl(args.data)
-    batches = build_batches(plugin.data_kind, records, tokenizer, config, train, args.data)
-    engine = build_engine(arch, config.model, config.parallel, train, layout, total_steps(train, batches, config.run.seed),
+    parallel = config.layout_for(args.section)
+    layout = init_parallel(parallel.tp, parallel.pp, seed=config.run.seed)
+    screen = RecordScreen(train.data_errors, train.max_bad_fraction)
+    with rank_symmetric():  # an input error on one rank stops every rank here, before training starts
+        hf_dir = ckpt_layout.hf_metadata_dir(args.init)
+        arch = arch_from_hf(hf_dir)
+        tokenizer = load_tokenizer(args.tokenizer)
+        records, where, count = read_records(args.data, plugin.data_kind, screen)
+        batches = build_batches(plugin.data_kind, records, tokenizer, config, train, args.data, where=where, screen=screen)
+        screen.finish(count, args.data)
+    engine = build_engine(arch, config.model, parallel, train, layout, total_steps(train, batches, config.run.seed),
                           kind=plugin.model_kind)
     out = Path(args.out)
     if ckpt_layout.latest_iteration(out) is None:
         init_kind = ckpt_layout.read_meta(ckpt_layout.resolve(args.init)).get("model_kind", "policy")
-        fresh_head = plugin.model_kind == "critic" and init_kind != "critic"
-        load_checkpoint(args.init, engine.model, skip=is_head_key if fresh_head else None)
+        head_keys = {"critic": is_head_key, "policy_value": is_value_head_key}.get(plugin.model_kind)
+        fresh_head = head_keys is not None and init_kind != plugin.model_kind
+        load_checkpoint(args.init, engine.model, skip=head_keys if fresh_head else None)
         if fresh_head and layout.is_logging_rank:
-            print(f"[stepwise] critic trunk from {args.init}; value head freshly initialised", flush=True)
+            print(f"[stepwise] {plugin.model_kind} trunk from {args.init}; value head freshly initialised", flush=True)
         engine.optimizer.reload_model_params()
         if layout.rank == 0:
             ckpt_layout.save_hf_metadata(out, json.loads((hf_dir / "config.json").read_text()), hf_dir)
     meta = {"section": args.section, "loss": train.loss, "dtype": config.model.dtype, "model_kind": plugin.model_kind,
-            "tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
+            "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "init": str(args.init)}
     run_training(engine, batches, partial(plugin.compute, options), train, out, config.run.seed, meta, desc=args.section)
     shutdown()
     return 0

@@ -1,0 +1,69 @@
+"""The `pair` batch builder for `dpo`: (chosen, rejected) responses to one prompt, kept side by side.
+
+A record is
+
+    {"prompt": str, "chosen": str, "rejected": str, "ref_chosen_logp": float, "ref_rejected_logp": float}
+
+where each reference log-prob is log π_ref(response + eos | prompt), summed over the response tokens
+and the eos, exactly the tokens this builder marks in `loss_mask`. One sample of the data order is
+one pair, so `global_batch_size` and `micro_batch_size` count *pairs*: a micro-batch of m pairs has
+2m rows, pair i at rows 2i (chosen) and 2i+1 (rejected), so the two halves of a pair are always in
+the same forward pass. The normaliser is the number of pairs in the global batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from stepwise.data.jsonl import _check_field
+from stepwise.train.batches import DataOrder, collate_sft, dp_slice, pad_length, split_micro_batches
+from stepwise.train.sft_data import tokenize_sft
+
+
+def tokenize_pairs(records: list[dict], tokenizer, max_seq_len: int, source: str = "data") -> list[dict]:
+    """Pair records `{"chosen": {"ids", "mask"}, "rejected": {...}, "ref_logp": (chosen, rejected)}`."""
+    for index, record in enumerate(records):
+        where = f"{source}: record {index}"
+        for key in ("prompt", "chosen", "rejected"):
+            _check_field(where, record, key, str)
+        for key in ("ref_chosen_logp", "ref_rejected_logp"):
+            _check_field(where, record, key, float)
+    rows = [{"prompt": r["prompt"], "response": r[side]} for r in records for side in ("chosen", "rejected")]
+    sequences = tokenize_sft(rows, tokenizer, max_seq_len, source)
+    return [{"chosen": sequences[2 * i], "rejected": sequences[2 * i + 1],
+             "ref_logp": (float(r["ref_chosen_logp"]), float(r["ref_rejected_logp"]))} for i, r in enumerate(records)]
+
+
+class PairBatches:
+    """This DP rank's micro-batches of a global batch of pairs (normaliser: pairs)."""
+
+    def __init__(self, pairs: list[dict], pad_id: int, max_seq_len: int, micro_batch_size: int):
+        self.pairs = pairs
+        self.pad_id = pad_id
+        self.max_seq_len = max_seq_len
+        self.micro_batch_size = micro_batch_size  # in pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def make_order(self, global_batch_size: int, seed: int) -> DataOrder:
+        return DataOrder(len(self.pairs), global_batch_size, seed)
+
+    def tokens(self, indices: list[int]) -> int:
+        return sum(len(self.pairs[i][side]["ids"]) - 1 for i in indices for side in ("chosen", "rejected"))
+
+    def micro_batches(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
+        length = pad_length([len(self.pairs[i][side]["ids"]) - 1 for i in indices for side in ("chosen", "rejected")],
+                            self.max_seq_len)
+        mine = [self.pairs[i] for i in dp_slice(indices, dp_rank, dp_size)]
+        batch = collate_sft([p[side] for p in mine for side in ("chosen", "rejected")], length, self.pad_id)
+        batch["ref_logp"] = torch.tensor([v for p in mine for v in p["ref_logp"]], dtype=torch.float32)
+        batch["chosen"] = torch.tensor([1.0, 0.0] * len(mine))
+        batch["normalizer"] = torch.tensor(float(max(1, len(indices))))
+        return split_micro_batches(batch, 2 * self.micro_batch_size)
+
+
+def build_batches(records: list[dict], tokenizer, config, train, source: str = "data", *, where=None,
+                  screen=None) -> PairBatches:
+    """The worker's entry point for data kind `pair` (strict: every bad record is an error, `where` / `screen` unused)."""
+    pairs = tokenize_pairs(records, tokenizer, config.model.max_seq_len, source)
+    return PairBatches(pairs, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
