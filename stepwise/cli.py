@@ -61,19 +61,32 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"stepwise: error: {error}", file=sys.stderr)
         return 2
-    from stepwise.pipeline.runner import run_pipeline, stage_names
+    from stepwise.pipeline.runner import label, run_pipeline, stage_plan
 
     if args.command == "plan":
         from stepwise.config import to_yaml
 
         print(to_yaml(config))
-        print("stages:", " -> ".join(stage_names(config)))
+        print("stages:", " -> ".join(label(*instance) for instance in stage_plan(config)))
+        if config.run.seeds:
+            print("seeds:", ", ".join(map(str, config.run.seeds)), f"(each in {config.run.dir}/seed_<s>)")
         return 0
-    ctx = run_pipeline(config, only=[args.name] if args.command == "stage" else None, force=args.command == "stage")
-    report = ctx.run_dir / "report.md"
+    from stepwise.train.guard import Requeue
+
+    only, force = ([args.name], True) if args.command == "stage" else (None, False)
+    try:
+        if config.run.seeds:
+            from stepwise.pipeline.seeds import run_seeds
+
+            report = run_seeds(config, only, force)
+        else:
+            report = run_pipeline(config, only, force).run_dir / "report.md"
+    except Requeue as stop:  # workers saved on a signal or deadline: the same command continues
+        print(f"[stepwise] {stop}; exit {stop.code}: run the same command again to continue", file=sys.stderr)
+        return int(stop.code)
     if report.exists():
         print(f"[stepwise] report: {report}")
-        print(f"[stepwise] report (JSON): {ctx.run_dir / 'report.json'}")
+        print(f"[stepwise] report (JSON): {report.with_suffix('.json')}")
     return 0
 
 

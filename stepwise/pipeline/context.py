@@ -1,7 +1,12 @@
-"""What a stage sees: the resolved recipe, the run directory and its neighbours' outputs."""
+"""What a stage sees: the resolved recipe, the run directory, its iteration and its neighbours' outputs.
+
+Stages marked `iterative` run once per Skywork DAPO iteration: iteration 1 lives in `RUN/<stage>`,
+iteration k > 1 in `RUN/iteration_<k>/<stage>`. `path`/`dir`/`summary` resolve a stage name to the
+directory of the current iteration (iterative stages) or the run's single one (the others).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from stepwise.config.schema import RecipeConfig
@@ -10,14 +15,31 @@ from stepwise.pipeline import manifest
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 
 
+def stage_path(run_dir: Path, name: str, iteration: int) -> Path:
+    """Directory of stage `name` at `iteration` (only iterative stages have per-iteration directories)."""
+    from stepwise.pipeline import registry
+
+    if iteration == 1 or not registry.get(name).iterative:
+        return run_dir / name
+    return run_dir / f"iteration_{iteration}" / name
+
+
 @dataclass
 class StageContext:
     config: RecipeConfig
     run_dir: Path
-    summaries: dict[str, dict] = field(default_factory=dict)  # finished stages' manifest summaries
+    iteration: int = 1
+    summaries: dict[Path, dict] = field(default_factory=dict)  # finished stages' manifest summaries, by dir
+
+    def at(self, iteration: int) -> "StageContext":
+        """The same run seen from another iteration (summaries shared)."""
+        return replace(self, iteration=iteration, summaries=self.summaries)
+
+    def path(self, stage: str) -> Path:
+        return stage_path(self.run_dir, stage, self.iteration)
 
     def dir(self, stage: str) -> Path:
-        path = self.run_dir / stage
+        path = self.path(stage)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -26,9 +48,10 @@ class StageContext:
         return self.run_dir / RESOLVED_RECIPE
 
     def summary(self, stage: str) -> dict:
-        if stage not in self.summaries:
-            found = manifest.read(self.run_dir / stage)
+        path = self.path(stage)
+        if path not in self.summaries:
+            found = manifest.read(path)
             if found is None:
-                raise RuntimeError(f"stage '{stage}' has not finished in {self.run_dir} (no manifest)")
-            self.summaries[stage] = found["summary"]
-        return self.summaries[stage]
+                raise RuntimeError(f"stage '{stage}' has not finished in {path.parent} (no manifest)")
+            self.summaries[path] = found["summary"]
+        return self.summaries[path]

@@ -14,17 +14,18 @@ class Stage:
     run: Callable
     depends: tuple[str, ...]
     config_keys: tuple[str, ...]
+    iterative: bool = False  # repeated per Skywork DAPO iteration (own directory per iteration)
 
 
 STAGES: Registry[Stage] = Registry("stage")
 get = STAGES.get
 
 
-def stage(name: str, depends: tuple[str, ...] = (), config_keys: tuple[str, ...] = ()):
+def stage(name: str, depends: tuple[str, ...] = (), config_keys: tuple[str, ...] = (), iterative: bool = False):
     """Decorator registering a stage; a duplicate name is an error."""
 
     def decorate(run: Callable) -> Callable:
-        STAGES.add(name, Stage(name, run, tuple(depends), tuple(config_keys)))
+        STAGES.add(name, Stage(name, run, tuple(depends), tuple(config_keys), iterative))
         return run
 
     return decorate

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from stepwise.checkpoint import layout as ckpt_layout
 from stepwise.config import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,9 +25,26 @@ def stepwise(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+def a_smaller_critic_model(run_dir: Path) -> Path:
+    """A random HF model of another shape (hidden 64, 2 heads, 1 KV head) with the run's task tokenizer."""
+    from stepwise.models.init import random_hf_model
+    from stepwise.tasks.tokenizer import load_tokenizer
+
+    stepwise("run", "recipes/tiny/smoke.yaml", f"run.dir={run_dir}", "run.stages=[data,tokenizer]")
+    shape = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True)
+    return random_hf_model(shape, load_tokenizer(run_dir / "tokenizer"), run_dir.parent / "critic_hf", seed=5)
+
+
+@pytest.mark.slow
 def test_smoke_recipe_runs_every_stage_and_skips_them_on_rerun(tmp_path):
+    """Two Skywork DAPO iterations, the critic from another (smaller) model at its own layout (TP 1,
+    one process, beside the policy's TP 2), then a re-run that skips everything."""
     run_dir = tmp_path / "smoke"
-    first = stepwise("run", "recipes/tiny/smoke.yaml", f"run.dir={run_dir}")
+    critic_hf = a_smaller_critic_model(run_dir)
+    overrides = (f"run.dir={run_dir}", "skywork_dapo.iterations=2", f"skywork_dapo.critic_init={critic_hf}",
+                 "critic.parallel.tp=1", "critic.parallel.nproc_per_node=1")
+    first = stepwise("run", "recipes/tiny/smoke.yaml", *overrides)
     assert f"report: {run_dir}/report.md" in first.stdout
     report = json.loads((run_dir / "report.json").read_text())
     base = report["stages"]["eval"]["base"]
@@ -39,10 +57,21 @@ def test_smoke_recipe_runs_every_stage_and_skips_them_on_rerun(tmp_path):
         assert json.loads((run_dir / stage / "manifest.json").read_text())["stage"] == stage
     assert report["stages"]["dapo_eval"]["iteration_1"]["problems"] == 64
     assert report["stages"]["critic"]["train"]["states"] > 0
-    assert (run_dir / "dapo_eval" / "policy" / "model.safetensors").is_file()
+    assert (run_dir / "dapo_eval" / "iteration_1" / "model.safetensors").is_file()
     assert "| iteration_1 | 64 |" in (run_dir / "report.md").read_text()
-    second = stepwise("run", "recipes/tiny/smoke.yaml", f"run.dir={run_dir}")
-    assert second.stdout.count("up to date, skipped") == len(stages)
+    # iteration 2: pi_ref is iteration 1's policy, its own directories, its own row in the report
+    second_round = run_dir / "iteration_2"
+    assert {p.name for p in second_round.iterdir()} == {"sample", "grade", "select", "segment", "complete", "critic",
+                                                          "advantage", "policy", "dapo_eval"}
+    assert report["stages"]["iteration_2/dapo_eval"]["iteration_2"]["problems"] == 64
+    assert "| iteration_2 | 64 |" in (run_dir / "report.md").read_text()
+    meta = ckpt_layout.read_meta(ckpt_layout.resolve(second_round / "policy" / "checkpoints"))
+    assert meta["init"] == str(run_dir / "policy" / "checkpoints")
+    critic_meta = ckpt_layout.read_meta(ckpt_layout.resolve(run_dir / "critic" / "checkpoints"))
+    assert critic_meta["init"] == str(run_dir / "init" / "critic") and critic_meta["tp"] == 1 and critic_meta["dp"] == 1
+    assert json.loads((run_dir / "critic" / "checkpoints" / "hf" / "config.json").read_text())["hidden_size"] == 64
+    second = stepwise("run", "recipes/tiny/smoke.yaml", *overrides)
+    assert second.stdout.count("up to date, skipped") == len(stages) + 9
 
 
 def test_bad_override_fails_before_any_work(tmp_path):

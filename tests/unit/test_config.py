@@ -19,15 +19,19 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def _fixture_for(recipe: Path) -> list[str]:
-    """Cluster recipes name /models/<Name>; on CI its published config.json stands in."""
+    """Cluster recipes name /models/<Name> (the policy, maybe the critic); on CI the published config.json stands in."""
     import yaml
 
-    path = (yaml.safe_load(recipe.read_text()).get("model") or {}).get("path")
-    if not path or Path(path).exists():
-        return []
-    fixture = REPO / "tests/fixtures/configs" / f"{Path(path).name}.json"
-    assert fixture.is_file(), f"{recipe}: no fixture config for {path}"
-    return [f"model.path={fixture}"]
+    data = yaml.safe_load(recipe.read_text())
+    overrides = []
+    for key, path in (("model.path", (data.get("model") or {}).get("path")),
+                      ("skywork_dapo.critic_init", (data.get("skywork_dapo") or {}).get("critic_init"))):
+        if not path or Path(path).exists():
+            continue
+        fixture = REPO / "tests/fixtures/configs" / f"{Path(path).name}.json"
+        assert fixture.is_file(), f"{recipe}: no fixture config for {path}"
+        overrides.append(f"{key}={fixture}")
+    return overrides
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(REPO)) for p in RECIPES])
@@ -97,3 +101,12 @@ def test_missing_recipe_file_is_named(tmp_path):
 def test_section_checks_surface_as_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="SamplingParams.temperature must be >= 0"):
         load_recipe(write(tmp_path, ""), ["sampling.params.temperature=-1"])
+
+
+def test_a_section_layout_is_checked_against_the_model_it_trains():
+    """The 72B recipe's critic (Qwen2.5-Math-7B: 28 heads, 4 KV heads) cannot run at the policy's TP 8."""
+    recipe = REPO / "recipes/skywork_dapo/qwen2.5-72b-instruct_8n8g_tp8pp4.yaml"
+    config = load_recipe(recipe, _fixture_for(recipe))
+    assert (config.layout_for("critic").tp, config.layout_for("policy").tp) == (4, 8)
+    with pytest.raises(ConfigError, match="critic.parallel.tp=8 does not divide num_attention_heads=28"):
+        load_recipe(recipe, _fixture_for(recipe) + ["critic.parallel.tp=8"])

@@ -9,7 +9,7 @@ from dataclasses import replace
 from stepwise.data.jsonl import read_jsonl, write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
-from stepwise.pipeline.stages.model import base_policy
+from stepwise.pipeline.stages.model import acting_policy
 from stepwise.pipeline.stages.sampling import grade_records
 
 
@@ -25,10 +25,10 @@ def balanced_pick(correct: list, wrong: list, k: int, rng: random.Random) -> lis
     return correct[:take_correct] + wrong[:take_wrong]
 
 
-@stage("select", depends=("grade",), config_keys=("skywork_dapo.select_k", "run.seed"))
+@stage("select", depends=("grade",), config_keys=("skywork_dapo.select_k", "run.seed"), iterative=True)
 def select(ctx: StageContext) -> dict:
     by_problem: dict[str, list[dict]] = {}
-    for record in read_jsonl(ctx.run_dir / "grade" / "graded.jsonl"):
+    for record in read_jsonl(ctx.path("grade") / "graded.jsonl"):
         by_problem.setdefault(record["id"], []).append(record)
     chosen = []
     for problem_id, records in sorted(by_problem.items()):
@@ -44,12 +44,12 @@ def split_steps(response: str, separator: str) -> list[str]:
     return [step for step in response.split(separator) if step.strip()]
 
 
-@stage("segment", depends=("select",), config_keys=("skywork_dapo.separator",))
+@stage("segment", depends=("select",), config_keys=("skywork_dapo.separator",), iterative=True)
 def segment(ctx: StageContext) -> dict:
     separator = ctx.config.skywork_dapo.separator
     states: dict[str, dict] = {}
     solutions = []
-    for record in read_jsonl(ctx.run_dir / "select" / "selected.jsonl"):
+    for record in read_jsonl(ctx.path("select") / "selected.jsonl"):
         steps = split_steps(record["response"], separator)
         ids = []
         for t in range(len(steps)):
@@ -66,18 +66,19 @@ def segment(ctx: StageContext) -> dict:
 
 
 @stage("complete", depends=("segment", "export", "init"),
-       config_keys=("skywork_dapo.completions", "skywork_dapo.completion_temperature", "sampling", "task.name"))
+       config_keys=("skywork_dapo.completions", "skywork_dapo.completion_temperature", "skywork_dapo.completer",
+                    "sampling", "task.name"), iterative=True)
 def complete(ctx: StageContext) -> dict:
     from stepwise.sampling import make_sampler, read_shards, sample_to_shards
 
     config, dapo = ctx.config, ctx.config.skywork_dapo
-    states = read_jsonl(ctx.run_dir / "segment" / "states.jsonl")
+    states = read_jsonl(ctx.path("segment") / "states.jsonl")
     params = replace(config.sampling.params, n=dapo.completions, temperature=dapo.completion_temperature)
-    sampler = make_sampler(config.sampling.backend, base_policy(ctx)[1], batch_size=config.sampling.batch_size)
+    sampler = make_sampler(config.sampling.backend, acting_policy(ctx, "completer")[1], batch_size=config.sampling.batch_size)
     sample_to_shards(sampler, states, "prompt", params, ctx.dir("complete") / "shards",
                      shard_size=config.sampling.shard_size, desc="complete")
     sampler.close()
-    graded = grade_records(config.task.name, read_shards(ctx.run_dir / "complete" / "shards"))
+    graded = grade_records(config.task.name, read_shards(ctx.path("complete") / "shards"))
     write_jsonl(ctx.dir("complete") / "completions.jsonl", graded)
     outcomes: dict[str, list[bool]] = {}
     for record in graded:

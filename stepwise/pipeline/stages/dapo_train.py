@@ -12,9 +12,8 @@ from stepwise.data.jsonl import read_jsonl, write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.launch import launch
 from stepwise.pipeline.registry import stage
-from stepwise.pipeline.stages.data import tokenizer_dir
-from stepwise.pipeline.stages.dapo_data import split_steps, state_id
-from stepwise.pipeline.stages.model import base_policy, last_metrics, train_section
+from stepwise.pipeline.stages.dapo_data import split_steps
+from stepwise.pipeline.stages.model import base_policy, last_metrics, reference_policy, section_tokenizer, train_section
 from stepwise.pipeline.stages.sampling import greedy_accuracy
 
 CALIBRATION_BINS = 5
@@ -25,24 +24,26 @@ def held_out(problem_id: str, fraction: float) -> bool:
 
 
 def score(ctx: StageContext, checkpoint: str | Path, kind: str, records: list[dict], name: str) -> list[dict]:
-    """Forward-only scores of `records` by the workers (see `stepwise.train.score`)."""
+    """Forward-only scores of `records` by the workers (see `stepwise.train.score`), at the layout and
+    with the tokenizer of the model's train section (critic or policy)."""
     from stepwise.train.score import read_scores
 
     out = ctx.dir(name.split("/")[0]) / (name.split("/")[-1] + "_scores")
     shutil.rmtree(out, ignore_errors=True)
     data = out.with_suffix(".jsonl")
     write_jsonl(data, records)
-    launch(ctx.config.parallel, "stepwise.train.score",
+    section = "critic" if kind == "critic" else "policy"
+    launch(ctx.config.layout_for(section), "stepwise.train.score",
            ["--recipe", str(ctx.resolved_recipe), "--ckpt", str(checkpoint), "--kind", kind, "--data", str(data),
-            "--tokenizer", tokenizer_dir(ctx), "--out", str(out)])
+            "--tokenizer", section_tokenizer(ctx, section), "--out", str(out), "--section", section])
     return read_scores(out)
 
 
 def _critic_records(ctx: StageContext, holdout: bool) -> list[dict]:
-    mc = {row["state_id"]: row["mc"] for row in read_jsonl(ctx.run_dir / "complete" / "mc.jsonl")}
+    mc = {row["state_id"]: row["mc"] for row in read_jsonl(ctx.path("complete") / "mc.jsonl")}
     fraction = ctx.config.skywork_dapo.critic_holdout
     return [{"prompt": s["prompt"], "steps": s["steps"], "mc": [mc[i] for i in s["state_ids"]]}
-            for s in read_jsonl(ctx.run_dir / "segment" / "solutions.jsonl")
+            for s in read_jsonl(ctx.path("segment") / "solutions.jsonl")
             if held_out(s["id"], fraction) == holdout and s["state_ids"]]
 
 
@@ -69,11 +70,13 @@ def critic_report(predicted: list[float], targets: list[float]) -> dict:
             "bce_constant": bce([mean_t] * n), "calibration": bins}
 
 
-@stage("critic", depends=("complete", "sft", "init"), config_keys=("critic", "model", "parallel", "skywork_dapo.critic_holdout"))
+@stage("critic", depends=("complete", "sft", "init"), config_keys=("critic", "model", "parallel", "skywork_dapo.critic_holdout"),
+       iterative=True)
 def critic(ctx: StageContext) -> dict:
     train = _critic_records(ctx, holdout=False)
     write_jsonl(ctx.dir("critic") / "train.jsonl", train)
-    checkpoints = train_section(ctx, "critic", ctx.run_dir / "critic" / "train.jsonl", base_policy(ctx)[0])
+    init = ctx.summary("init").get("critic") or base_policy(ctx)[0]  # skywork_dapo.critic_init, else pi0's trunk
+    checkpoints = train_section(ctx, "critic", ctx.path("critic") / "train.jsonl", init)
     summary = {"checkpoints": str(checkpoints), "final": last_metrics(checkpoints)}
     for split, records in (("train", train), ("held_out", _critic_records(ctx, holdout=True))):
         if records:
@@ -86,7 +89,7 @@ def critic(ctx: StageContext) -> dict:
 def _actions_per_state(ctx: StageContext) -> dict[str, list[dict]]:
     separator = ctx.config.skywork_dapo.separator
     actions: dict[str, list[dict]] = {}
-    for record in read_jsonl(ctx.run_dir / "complete" / "completions.jsonl"):
+    for record in read_jsonl(ctx.path("complete") / "completions.jsonl"):
         steps = split_steps(record["response"], separator)
         if not steps:
             continue
@@ -116,12 +119,12 @@ def state_advantages(actions: list[dict], min_gap: float) -> tuple[list[dict], f
     return [{**a, "advantage": a["value"] - baseline} for a in unique], gap
 
 
-@stage("advantage", depends=("critic", "complete"), config_keys=("skywork_dapo", "task.name"))
+@stage("advantage", depends=("critic", "complete", "sft", "init"), config_keys=("skywork_dapo", "task.name"), iterative=True)
 def advantage(ctx: StageContext) -> dict:
     from stepwise.tasks.grading import grade
 
     per_state = _actions_per_state(ctx)
-    answers = {row["state_id"]: row["answer"] for row in read_jsonl(ctx.run_dir / "segment" / "states.jsonl")}
+    answers = {row["state_id"]: row["answer"] for row in read_jsonl(ctx.path("segment") / "states.jsonl")}
     to_value = [{"prompt": a["prompt"] + a["action"], "steps": [], "mc": [0.0]}
                 for actions in per_state.values() for a in actions if not a["ends"]]
     values = iter(row["values"][0] for row in score(ctx, ctx.summary("critic")["checkpoints"], "critic", to_value, "advantage/next"))
@@ -131,7 +134,7 @@ def advantage(ctx: StageContext) -> dict:
         chosen, gap = state_advantages(actions, ctx.config.skywork_dapo.advantage_gap)
         kept += chosen
         gaps.append(gap)
-    reference = score(ctx, base_policy(ctx)[0], "policy",
+    reference = score(ctx, reference_policy(ctx)[0], "policy",
                       [{**a, "ref_logp": 0.0} for a in kept], "advantage/reference") if kept else []
     rows = [{"state_id": a["state_id"], "prompt": a["prompt"], "action": a["action"], "ends": a["ends"],
              "advantage": a["advantage"], "ref_logp": r["logp"]} for a, r in zip(kept, reference)]
@@ -141,9 +144,11 @@ def advantage(ctx: StageContext) -> dict:
             "positive_actions": sum(r["advantage"] > 0 for r in rows)}
 
 
-@stage("policy", depends=("advantage", "sft", "init"), config_keys=("policy", "model", "parallel", "run.seed"))
+@stage("policy", depends=("advantage", "sft", "init"), config_keys=("policy", "model", "parallel", "run.seed"),
+       iterative=True)
 def policy(ctx: StageContext) -> dict:
-    checkpoints = train_section(ctx, "policy", ctx.run_dir / "advantage" / "actions.jsonl", base_policy(ctx)[0])
+    """pi_theta starts from pi_ref (pi0, or the previous iteration's policy) and trains on its advantages."""
+    checkpoints = train_section(ctx, "policy", ctx.path("advantage") / "actions.jsonl", reference_policy(ctx)[0])
     return {"checkpoints": str(checkpoints), "final": last_metrics(checkpoints)}
 
 
@@ -152,24 +157,24 @@ def export_and_evaluate(ctx: StageContext, stage_name: str, checkpoints: str, na
 
     out = ctx.dir(stage_name) / name
     convert_megatron_to_hf(checkpoints, out)
-    return {"policy": str(out), name: greedy_accuracy(ctx, str(out), name)}
+    return {"policy": str(out), name: greedy_accuracy(ctx, str(out), name, stage_name)}
 
 
-@stage("dapo_eval", depends=("policy", "data"), config_keys=("eval",))
+@stage("dapo_eval", depends=("policy", "data"), config_keys=("eval",), iterative=True)
 def dapo_eval(ctx: StageContext) -> dict:
-    return export_and_evaluate(ctx, "dapo_eval", ctx.summary("policy")["checkpoints"], "iteration_1")
+    return export_and_evaluate(ctx, "dapo_eval", ctx.summary("policy")["checkpoints"], f"iteration_{ctx.iteration}")
 
 
 @stage("rs", depends=("grade", "policy", "sft", "init"), config_keys=("rs", "eval", "model", "parallel"))
 def rs_baseline(ctx: StageContext) -> dict:
     """Ablation: rejection sampling (SFT on pi0's correct samples) for as many steps as the policy."""
     correct = [{"prompt": r["problem"], "response": r["response"]}
-               for r in read_jsonl(ctx.run_dir / "grade" / "graded.jsonl") if r["correct"]]
+               for r in read_jsonl(ctx.path("grade") / "graded.jsonl") if r["correct"]]
     steps = int(ctx.summary("policy")["final"]["step"])
     if len(correct) < ctx.config.rs.global_batch_size:
         print(f"[stepwise] rs: {len(correct)} correct samples, fewer than one global batch: ablation skipped", flush=True)
         return {"samples": len(correct), "steps": 0, "skipped": "fewer correct samples than one global batch"}
     write_jsonl(ctx.dir("rs") / "correct.jsonl", correct)
-    checkpoints = train_section(ctx, "rs", ctx.run_dir / "rs" / "correct.jsonl", base_policy(ctx)[0],
+    checkpoints = train_section(ctx, "rs", ctx.path("rs") / "correct.jsonl", base_policy(ctx)[0],
                                 max_steps=steps)
     return {"samples": len(correct), "steps": steps, **export_and_evaluate(ctx, "rs", str(checkpoints), "rs_same_steps")}

@@ -9,7 +9,8 @@ from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.data import tokenizer_dir
 
 
-@stage("init", depends=("tokenizer",), config_keys=("model.path", "model.hf_config", "model.dtype", "run.seed"))
+@stage("init", depends=("tokenizer",),
+       config_keys=("model.path", "model.hf_config", "model.dtype", "run.seed", "skywork_dapo.critic_init"))
 def init_model(ctx: StageContext) -> dict:
     from stepwise.convert.hf_to_megatron import convert_hf_to_megatron
     from stepwise.models.init import random_hf_model
@@ -21,17 +22,29 @@ def init_model(ctx: StageContext) -> dict:
         tokenizer = load_tokenizer(tokenizer_dir(ctx))
         source = random_hf_model(ctx.config.model.hf_config, tokenizer, out / "hf", ctx.config.run.seed)
     convert_hf_to_megatron(source, out / "megatron", dtype=ctx.config.model.dtype)
-    return {"hf": str(source), "megatron": str(out / "megatron")}
+    summary = {"hf": str(source), "megatron": str(out / "megatron")}
+    critic_init = ctx.config.skywork_dapo.critic_init
+    if critic_init:  # the critic's own starting model (its trunk; the value head starts fresh)
+        convert_hf_to_megatron(critic_init, out / "critic", dtype=ctx.config.model.dtype)
+        summary["critic"] = str(out / "critic")
+    return summary
+
+
+def section_tokenizer(ctx: StageContext, section: str) -> str:
+    """The tokenizer a section's workers read text with: the critic's own when it starts from another model."""
+    if section == "critic" and ctx.config.skywork_dapo.critic_init:
+        return ctx.config.skywork_dapo.critic_init
+    return tokenizer_dir(ctx)
 
 
 def train_section(ctx: StageContext, section: str, data: Path, init: str | Path, max_steps: int | None = None) -> Path:
     """Run the workers of a train section; returns its checkpoint root."""
     out = ctx.dir(section) / "checkpoints"
     args = ["--recipe", str(ctx.resolved_recipe), "--section", section, "--data", str(data),
-            "--tokenizer", tokenizer_dir(ctx), "--init", str(init), "--out", str(out)]
+            "--tokenizer", section_tokenizer(ctx, section), "--init", str(init), "--out", str(out)]
     if max_steps is not None:
         args += ["--max-steps", str(max_steps)]
-    launch(ctx.config.parallel, "stepwise.train.worker", args)
+    launch(ctx.config.layout_for(section), "stepwise.train.worker", args)
     return out
 
 
@@ -52,9 +65,23 @@ def base_policy(ctx: StageContext) -> tuple[str, str]:
     return ctx.summary("init")["megatron"], ctx.summary("init")["hf"]
 
 
+def reference_policy(ctx: StageContext) -> tuple[str, str]:
+    """pi_ref of the current Skywork DAPO iteration: pi0 at iteration 1, else the previous iteration's
+    policy (its checkpoints and its HF export)."""
+    if ctx.iteration == 1:
+        return base_policy(ctx)
+    previous = ctx.at(ctx.iteration - 1)
+    return previous.summary("policy")["checkpoints"], previous.summary("dapo_eval")["policy"]
+
+
+def acting_policy(ctx: StageContext, role: str) -> tuple[str, str]:
+    """Who samples (`generator`) or rolls out (`completer`) at this iteration: pi_ref ("previous") or pi0 ("base")."""
+    return base_policy(ctx) if getattr(ctx.config.skywork_dapo, role) == "base" else reference_policy(ctx)
+
+
 @stage("sft", depends=("data", "tokenizer", "init"), config_keys=("model", "parallel", "sft", "run.seed"))
 def sft(ctx: StageContext) -> dict:
-    checkpoints = train_section(ctx, "sft", ctx.run_dir / "data" / "sft.jsonl", ctx.summary("init")["megatron"])
+    checkpoints = train_section(ctx, "sft", ctx.path("data") / "sft.jsonl", ctx.summary("init")["megatron"])
     return {"checkpoints": str(checkpoints), "final": last_metrics(checkpoints)}
 
 
