@@ -17,6 +17,7 @@ class RunConfig:
     dir: Optional[str] = None  # default: runs/<recipe file stem>
     seed: int = 1234
     stages: list[str] = field(default_factory=list)  # empty: every stage of the recipe's method
+    seeds: list[int] = field(default_factory=list)  # run once per seed in <dir>/seed_<s>, then a spread report
 
 
 @dataclass
@@ -104,7 +105,13 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2
+    keep_every: int = 0  # also keep iterations whose step is a multiple of this (0: none beyond keep_last)
+    nan_policy: str = "skip"  # non-finite loss or grad norm: skip (no update) | stop (save, exit non-zero)
+    max_wall_minutes: Optional[float] = None  # save and exit with the requeue code before this wall time
+    data_errors: str = "strict"  # bad input records: strict (stop before training) | lenient (skip, count)
+    max_bad_fraction: float = 0.01  # lenient: abort when more than this fraction of records is bad
     optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: Optional[ParallelConfig] = None  # this section's own layout (a 7B critic beside a 72B policy); None: the recipe's
 
 
 def _critic_train() -> TrainConfig:
@@ -129,6 +136,48 @@ class SkyworkDAPOConfig:
     completion_temperature: float = 1.0  # the completer samples pi_ref itself
     advantage_gap: float = 0.1  # delta: keep states with max A - min A >= delta
     critic_holdout: float = 0.1  # fraction of problems whose states only evaluate the critic
+    critic_init: Optional[str] = None  # HF causal-LM dir the critic starts from (paper: Qwen2.5-Math-7B-Instruct); None: pi0
+    iterations: int = 1  # rounds of the loop; round k > 1 uses round k-1's policy as pi_ref (paper §4.3)
+    generator: str = "previous"  # who samples solutions past round 1: previous (pi_ref) | base (pi0)
+    completer: str = "previous"  # who rolls out states past round 1 (MC values of V^pi_ref): previous | base
+
+
+def _dqo_train(loss: str, epochs: float) -> TrainConfig:
+    """DQO paper appendix B: DQO and DRO with beta 0.03, lr 5e-7 (Qwen; Gemma 1e-7), global batch 256
+    (local 32 x 8 GPUs); DRO's checkpoint after epoch 1, DQO's after epoch 2. The schedule is not stated."""
+    return TrainConfig(loss=loss, loss_args={"beta": 0.03}, global_batch_size=256, micro_batch_size=4, epochs=epochs,
+                       optim=OptimConfig(lr=5e-7, schedule="constant"))
+
+
+def _preference_train(loss: str, micro_batch_size: int) -> TrainConfig:
+    """Appendix B: DPO with beta 0.1, lr 5e-8, global batch 64, one epoch; KTO takes DPO's settings.
+    DPO counts pairs (a micro-batch of 4 pairs is 8 rows); KTO's 8 rows hold whole reference-point
+    groups (`kl_group_size` 8)."""
+    return TrainConfig(loss=loss, loss_args={"beta": 0.1}, global_batch_size=64, micro_batch_size=micro_batch_size,
+                       epochs=1.0, optim=OptimConfig(lr=5e-8, schedule="constant"))
+
+
+def _baseline_sft() -> TrainConfig:
+    """Appendix B: SFT on gold solutions and rejection sampling, lr 2e-5 (Qwen; Gemma 5e-6 / 1e-6),
+    global batch 64, 3 epochs."""
+    return TrainConfig(loss="sft", global_batch_size=64, micro_batch_size=4, epochs=3.0, optim=OptimConfig(lr=2e-5))
+
+
+@dataclass
+class DQODataConfig:
+    """Data side of DQO and its baselines (DQO paper §4.1, §4.4, appendix A); the train sections
+    `dqo`, `dro`, `dpo`, `kto`, `sft_baseline`, `rs_baseline` sit beside it."""
+
+    n_problems: int = 0  # training problems to sample responses for (0: all of the task's train split)
+    # the behaviour policy mu = pi0: 20 responses per prompt, top_p 0.9, top_k 16 (the paper's thresh_p 0.01
+    # has no counterpart here); max_tokens / seed / stop as in SamplingParams
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(n=20, temperature=1.0, top_p=0.9, top_k=16))
+    process_scores: bool = False  # §4.4: synthetic process rewards from prefix rollouts of failed responses
+    process_completions: int = 20  # m completions per prefix (same sampling parameters as `params`)
+    separator: str = "\n"  # step separator of the process-score segments
+    max_segments: int = 0  # 0: one segment per step; k > 0: consecutive steps merged into at most k segments
+    dpo_pair_ratio: float = 0.5  # DPO pairs ~ this x the DQO trajectories (appendix A: about half)
+    eval_seeds: int = 0  # > 0: also sampled accuracy (one sample per test problem per seed; paper: 5)
 
 
 @dataclass
@@ -159,5 +208,17 @@ class RecipeConfig:
     critic: TrainConfig = field(default_factory=_critic_train)
     policy: TrainConfig = field(default_factory=_policy_train)
     rs: TrainConfig = field(default_factory=TrainConfig)  # ablation: SFT on correct samples, policy's step count
+    dqo_data: DQODataConfig = field(default_factory=DQODataConfig)
+    dqo: TrainConfig = field(default_factory=lambda: _dqo_train("dqo", 2.0))
+    dro: TrainConfig = field(default_factory=lambda: _dqo_train("dro", 1.0))
+    dpo: TrainConfig = field(default_factory=lambda: _preference_train("dpo", 4))
+    kto: TrainConfig = field(default_factory=lambda: _preference_train("kto", 8))
+    sft_baseline: TrainConfig = field(default_factory=_baseline_sft)  # DQO baseline: SFT on gold solutions
+    rs_baseline: TrainConfig = field(default_factory=_baseline_sft)  # DQO baseline: SFT on pi0's correct samples
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def layout_for(self, section: str) -> ParallelConfig:
+        """The layout the workers of train section `section` run at: its own `parallel`, else the recipe's."""
+        own = getattr(self, section).parallel if section in self.__dataclass_fields__ else None
+        return own or self.parallel

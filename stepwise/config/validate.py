@@ -15,6 +15,9 @@ SCHEDULES = ("cosine", "constant", "linear")
 LAUNCHERS = ("torchrun", "srun", "inprocess")
 SAMPLING_BACKENDS = ("hf", "vllm")
 TASKS = ("arith", "gsm8k", "math")
+NAN_POLICIES = ("skip", "stop")
+TRAIN_SECTIONS = ("sft", "critic", "policy", "rs", "dqo", "dro", "dpo", "kto", "sft_baseline", "rs_baseline")
+DATA_ERRORS = ("strict", "lenient")
 
 
 def _fail(source: str, message: str):
@@ -39,26 +42,52 @@ def _hf_fields(config: RecipeConfig, source: str) -> dict:
     return dict(config.model.hf_config)
 
 
-def _check_layout(config: RecipeConfig, source: str) -> int:
-    parallel = config.parallel
+def _check_layout(parallel, hf: dict, where: str, source: str) -> int:
+    """`where` ("parallel" or "<section>.parallel") against the model `hf` describes; returns the DP size."""
     for key in ("tp", "pp", "nproc_per_node", "nnodes"):
         if getattr(parallel, key) < 1:
-            _fail(source, f"parallel.{key} must be >= 1")
+            _fail(source, f"{where}.{key} must be >= 1")
     world = parallel.world_size
     if world % (parallel.tp * parallel.pp):
-        _fail(source, f"parallel: TP {parallel.tp} x PP {parallel.pp} does not divide the world size "
-                      f"{world} (nproc_per_node x nnodes); change parallel.nproc_per_node or tp/pp")
-    hf = _hf_fields(config, source)
+        _fail(source, f"{where}: TP {parallel.tp} x PP {parallel.pp} does not divide the world size "
+                      f"{world} (nproc_per_node x nnodes); change {where}.nproc_per_node or tp/pp")
     heads = hf.get("num_attention_heads")
     kv_heads = hf.get("num_key_value_heads", heads)
     layers = hf.get("num_hidden_layers")
     if heads and heads % parallel.tp:
-        _fail(source, f"parallel.tp={parallel.tp} does not divide num_attention_heads={heads}")
+        _fail(source, f"{where}.tp={parallel.tp} does not divide num_attention_heads={heads}")
     if kv_heads and kv_heads % parallel.tp:
-        _fail(source, f"parallel.tp={parallel.tp} does not divide num_key_value_heads={kv_heads}")
+        _fail(source, f"{where}.tp={parallel.tp} does not divide num_key_value_heads={kv_heads}")
     if layers and layers % parallel.pp:
-        _fail(source, f"parallel.pp={parallel.pp} does not divide num_hidden_layers={layers}")
+        _fail(source, f"{where}.pp={parallel.pp} does not divide num_hidden_layers={layers}")
     return world // (parallel.tp * parallel.pp)
+
+
+def _critic_fields(config: RecipeConfig, source: str) -> dict:
+    """config.json of the model the critic starts from: skywork_dapo.critic_init, else the policy's."""
+    path = config.skywork_dapo.critic_init
+    if path is None:
+        return _hf_fields(config, source)
+    from stepwise.models.hf_config import ConfigError as HFConfigError, load_hf_config
+
+    try:
+        return load_hf_config(path)
+    except HFConfigError as error:
+        _fail(source, f"skywork_dapo.critic_init: {error}")
+
+
+def _check_reliability(train: TrainConfig, section: str, source: str) -> None:
+    """Checkpoint retention, fault policies and the bad-input policy of a train section."""
+    _one_of(source, f"{section}.nan_policy", train.nan_policy, NAN_POLICIES)
+    _one_of(source, f"{section}.data_errors", train.data_errors, DATA_ERRORS)
+    if train.keep_last < 1:
+        _fail(source, f"{section}.keep_last={train.keep_last} must be >= 1 (the newest checkpoint is always kept)")
+    if train.keep_every < 0:
+        _fail(source, f"{section}.keep_every={train.keep_every} must be >= 0 (0: keep only the last keep_last)")
+    if train.max_wall_minutes is not None and train.max_wall_minutes <= 0:
+        _fail(source, f"{section}.max_wall_minutes={train.max_wall_minutes} must be > 0, or null for no deadline")
+    if not 0.0 <= train.max_bad_fraction < 1.0:
+        _fail(source, f"{section}.max_bad_fraction={train.max_bad_fraction} must be in [0, 1)")
 
 
 def check_train(train: TrainConfig, section: str, dp: int, source: str) -> None:
@@ -73,10 +102,30 @@ def check_train(train: TrainConfig, section: str, dp: int, source: str) -> None:
                       f"micro_batch_size x DP = {train.micro_batch_size} x {dp}; "
                       f"use a multiple of {per_step}")
     _one_of(source, f"{section}.optim.schedule", train.optim.schedule, SCHEDULES)
+    _check_reliability(train, section, source)
     try:
-        registry.get(train.loss).parse_options(train.loss_args)
+        options = registry.get(train.loss).parse_options(train.loss_args)
     except (KeyError, ValueError, TypeError) as error:
         _fail(source, f"{section}.loss / loss_args: {error}")
+    group = getattr(options, "kl_group_size", None)  # kto: a micro-batch must hold whole reference-point groups
+    if group and (train.micro_batch_size % group or train.global_batch_size // dp % group):
+        _fail(source, f"{section}.micro_batch_size={train.micro_batch_size} and the per-DP-rank batch "
+                      f"{train.global_batch_size // dp} must be multiples of {section}.loss_args.kl_group_size={group}")
+
+
+def _check_dqo_data(config: RecipeConfig, source: str) -> None:
+    """The DQO data section (sampling parameters are checked by SamplingParams itself)."""
+    data = config.dqo_data
+    for key, minimum in (("n_problems", 0), ("process_completions", 1), ("max_segments", 0), ("eval_seeds", 0)):
+        if getattr(data, key) < minimum:
+            _fail(source, f"dqo_data.{key}={getattr(data, key)} must be >= {minimum}")
+    if not data.separator:
+        _fail(source, "dqo_data.separator must be a non-empty string (e.g. \"\\n\")")
+    if not data.dpo_pair_ratio > 0:
+        _fail(source, f"dqo_data.dpo_pair_ratio={data.dpo_pair_ratio} must be > 0 (appendix A: 0.5)")
+    stages = config.run.stages
+    if data.process_scores and "dqo_datasets" in stages and "dqo_process" not in stages:
+        _fail(source, "dqo_data.process_scores=true needs the stage 'dqo_process' in run.stages (before 'dqo_datasets')")
 
 
 def validate(config: RecipeConfig, source: str = "recipe") -> None:
@@ -96,6 +145,19 @@ def validate(config: RecipeConfig, source: str = "recipe") -> None:
         _fail(source, f"tokenizer.path={config.tokenizer.path}: no such directory")
     if config.model.path and config.model.hf_config:
         _fail(source, "model.path and model.hf_config are exclusive (a checkpoint brings its own config.json)")
-    dp = _check_layout(config, source)
-    for section in ("sft", "critic", "policy", "rs"):
-        check_train(getattr(config, section), section, dp, source)
+    dapo = config.skywork_dapo
+    if dapo.iterations < 1:
+        _fail(source, f"skywork_dapo.iterations={dapo.iterations} must be >= 1")
+    for role in ("generator", "completer"):
+        _one_of(source, f"skywork_dapo.{role}", getattr(dapo, role), ("previous", "base"))
+    if len(set(config.run.seeds)) != len(config.run.seeds):
+        _fail(source, f"run.seeds={config.run.seeds} repeats a seed")
+    policy_fields = _hf_fields(config, source)
+    dp = _check_layout(config.parallel, policy_fields, "parallel", source)
+    _check_dqo_data(config, source)
+    for section in TRAIN_SECTIONS:
+        own = getattr(config, section).parallel
+        if own is not None:  # the section's own layout, checked against the model it trains
+            fields = _critic_fields(config, source) if section == "critic" else policy_fields
+            section_dp = _check_layout(own, fields, f"{section}.parallel", source)
+        check_train(getattr(config, section), section, section_dp if own is not None else dp, source)

@@ -1,5 +1,6 @@
 """Problem sets read from user-supplied files (no downloads): MATH, GSM8K and generic
-`{"problem", "answer"}` records, as JSONL or parquet, into `{"id", "problem", "answer"}`.
+`{"problem", "answer"}` records, as JSONL or parquet, into `{"id", "problem", "answer", "solution"}`
+(`solution`: MATH's `solution`, GSM8K's full `answer`, a generic record's optional `solution`).
 
 MATH records carry `problem` + `solution` (the answer is the solution's last `\\boxed{}`; an optional
 `unique_id` names the record, and an id-list file selects a subset such as MATH500); GSM8K records
@@ -34,7 +35,7 @@ def _rows(path: Path, required: dict) -> list[tuple[str, dict]]:
 
 
 def load_problems(path: str | Path, kind: str, id_list: str | Path | None = None) -> list[dict]:
-    """Records `{"id", "problem", "answer"}` of a `kind` in {"math", "gsm8k", "generic"}."""
+    """Records `{"id", "problem", "answer", "solution" (when known)}` of a `kind` in {"math", "gsm8k", "generic"}."""
     if kind not in FIELDS:
         raise ValueError(f"dataset kind '{kind}' is not one of {sorted(FIELDS)}")
     path = Path(path)
@@ -48,8 +49,12 @@ def load_problems(path: str | Path, kind: str, id_list: str | Path | None = None
             problem, answer = row["problem"], str(row["answer"])
         if answer is None:
             raise DataError(f"{where}: no final answer in the reference solution")
-        out.append({"id": str(row.get("unique_id") or row.get("id") or f"{path.stem}-{len(out)}"),
-                    "problem": problem, "answer": answer})
+        record = {"id": str(row.get("unique_id") or row.get("id") or f"{path.stem}-{len(out)}"),
+                  "problem": problem, "answer": answer}
+        solution = row["solution"] if kind == "math" else row["answer"] if kind == "gsm8k" else row.get("solution")
+        if isinstance(solution, str) and solution.strip():
+            record["solution"] = solution  # the reference solution text (the DQO paper's SFT baseline trains on it)
+        out.append(record)
     if id_list is not None:
         wanted = [line.strip() for line in Path(id_list).read_text().splitlines() if line.strip()]
         by_id = {r["id"]: r for r in out}

@@ -27,15 +27,17 @@ def test_reference_solutions_grade_correct_against_their_answers(kind, file, sol
 
 def test_math_answers_and_ids():
     problems = load_problems(DATA / "math_sample.jsonl", "math")
+    first = read_jsonl(DATA / "math_sample.jsonl")[0]
     assert problems[0] == {"id": "test/prealgebra/1.json", "problem": "What is $\\frac{1}{2} + \\frac{1}{4}$?",
-                           "answer": "\\frac{3}{4}"}
+                           "answer": "\\frac{3}{4}", "solution": first["solution"]}
     subset = load_problems(DATA / "math_sample.jsonl", "math", id_list=DATA / "math_subset_ids.txt")
     assert [p["id"] for p in subset] == ["test/algebra/2.json", "test/geometry/6.json"]
 
 
 def test_gsm8k_answers_drop_commas():
-    answers = [p["answer"] for p in load_problems(DATA / "gsm8k_sample.jsonl", "gsm8k")]
-    assert answers[:4] == ["72", "5000", "-7", "2.25"]
+    problems = load_problems(DATA / "gsm8k_sample.jsonl", "gsm8k")
+    assert [p["answer"] for p in problems][:4] == ["72", "5000", "-7", "2.25"]
+    assert problems[0]["solution"] == read_jsonl(DATA / "gsm8k_sample.jsonl")[0]["answer"]  # the full worked answer
 
 
 def test_bad_records_are_named_by_file_and_line(tmp_path):

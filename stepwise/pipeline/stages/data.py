@@ -53,12 +53,12 @@ def build_data(ctx: StageContext) -> dict:
 
 
 def problems(ctx: StageContext, split: str) -> list[dict]:
-    return read_jsonl(ctx.run_dir / "data" / f"{split}.jsonl", PROBLEM_FIELDS)
+    return read_jsonl(ctx.path("data") / f"{split}.jsonl", PROBLEM_FIELDS)
 
 
 def tokenizer_dir(ctx: StageContext) -> str:
     """The configured tokenizer, else the starting model's, else the one trained on the task corpus."""
-    return ctx.config.tokenizer.path or ctx.config.model.path or str(ctx.run_dir / "tokenizer")
+    return ctx.config.tokenizer.path or ctx.config.model.path or str(ctx.path("tokenizer"))
 
 
 @stage("tokenizer", depends=("data",), config_keys=("tokenizer", "task", "model.path"))
@@ -70,6 +70,6 @@ def build_tokenizer(ctx: StageContext) -> dict:
         return {"path": path, "vocab_size": len(load_tokenizer(path))}
     from stepwise.tasks.arith import corpus
 
-    texts = corpus(arith_config(ctx)) + [r["prompt"] + r["response"] for r in read_jsonl(ctx.run_dir / "data" / "sft.jsonl")]
+    texts = corpus(arith_config(ctx)) + [r["prompt"] + r["response"] for r in read_jsonl(ctx.path("data") / "sft.jsonl")]
     path = train_task_tokenizer(texts, ctx.dir("tokenizer"), vocab_size=ctx.config.tokenizer.vocab_size)
     return {"path": str(path), "vocab_size": len(load_tokenizer(path))}

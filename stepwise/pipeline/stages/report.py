@@ -6,7 +6,8 @@ import json
 from stepwise.data.jsonl import atomic_write_json, atomic_write_text
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
-from stepwise.pipeline.runner import stage_names
+from stepwise.pipeline.stages.dqo_train import table_lines as dqo_table_lines
+from stepwise.pipeline.runner import label, stage_plan
 
 
 def _markdown(ctx: StageContext, report: dict) -> str:
@@ -14,15 +15,14 @@ def _markdown(ctx: StageContext, report: dict) -> str:
     lines = [f"# stepwise report: {config.run.name}", "",
              f"Run directory: `{ctx.run_dir}`; task `{config.task.name}`; layout TP={config.parallel.tp} "
              f"PP={config.parallel.pp} x {config.parallel.world_size} processes.", ""]
-    evals = dict(report["stages"].get("eval", {}))
-    for stage_name in ("dapo_eval", "rs"):
-        evals.update({k: v for k, v in report["stages"].get(stage_name, {}).items() if isinstance(v, dict)})
+    evals = accuracy_rows(report)
     if evals:
         lines += ["## Greedy accuracy on held-out problems", "", "| policy | problems | correct | accuracy |",
                   "|---|---|---|---|"]
         for name, row in evals.items():
             lines.append(f"| {name} | {row['problems']} | {row['correct']} | {row['accuracy']:.3f} |")
         lines.append("")
+    lines += dqo_table_lines(report["stages"])
     grade = report["stages"].get("grade")
     if grade:
         lines += ["## Samples from the policy", "", f"- samples: {grade['samples']}",
@@ -32,16 +32,26 @@ def _markdown(ctx: StageContext, report: dict) -> str:
     if sft:
         lines += ["## SFT", "", f"- steps: {sft.get('step')}, final loss {sft.get('loss', float('nan')):.4f}, "
                   f"{sft.get('tokens_per_s', 0):,.0f} tokens/s", ""]
-    lines += _critic_lines(report["stages"].get("critic", {}), report["stages"].get("advantage", {}))
+    for iteration in range(1, ctx.config.skywork_dapo.iterations + 1):
+        critic, advantage = (report["stages"].get(label(name, iteration), {}) for name in ("critic", "advantage"))
+        lines += _critic_lines(critic, advantage, "" if iteration == 1 else f", iteration {iteration}")
     lines += ["## Stages", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {report['seconds'].get(name, 0):.1f} |" for name in report["seconds"]]
     return "\n".join(lines) + "\n"
 
 
-def _critic_lines(critic: dict, advantage: dict) -> list[str]:
+def accuracy_rows(report: dict) -> dict[str, dict]:
+    """Every greedy evaluation in the report (base, each iteration, ablations), in run order."""
+    rows = {}
+    for summary in report["stages"].values():
+        rows.update({k: v for k, v in summary.items() if isinstance(v, dict) and "accuracy" in v and "problems" in v})
+    return rows
+
+
+def _critic_lines(critic: dict, advantage: dict, which: str) -> list[str]:
     if not critic:
         return []
-    lines = ["## Critic (V vs Monte-Carlo values)", "", "| states | corr | BCE | BCE of constant |", "|---|---|---|---|"]
+    lines = [f"## Critic (V vs Monte-Carlo values{which})", "", "| states | corr | BCE | BCE of constant |", "|---|---|---|---|"]
     for split in ("train", "held_out"):
         row = critic.get(split)
         if row and row.get("states"):
@@ -62,12 +72,13 @@ def _critic_lines(critic: dict, advantage: dict) -> list[str]:
 def write_report(ctx: StageContext) -> dict:
     from stepwise.pipeline import manifest
 
-    names = [n for n in stage_names(ctx.config) if n != "report"]
     stages, seconds = {}, {}
-    for name in names:
-        found = manifest.read(ctx.run_dir / name) or {}
-        stages[name] = found.get("summary", {})
-        seconds[name] = found.get("seconds", 0.0)
+    for name, iteration in stage_plan(ctx.config):
+        if name == "report":
+            continue
+        found = manifest.read(ctx.at(iteration).path(name)) or {}
+        stages[label(name, iteration)] = found.get("summary", {})
+        seconds[label(name, iteration)] = found.get("seconds", 0.0)
     report = {"run": ctx.config.run.name, "run_dir": str(ctx.run_dir), "stages": stages, "seconds": seconds}
     atomic_write_json(ctx.run_dir / "report.json", json.loads(json.dumps(report, default=str)))
     atomic_write_text(ctx.run_dir / "report.md", _markdown(ctx, report))

@@ -1,0 +1,174 @@
+"""DQO data stages (DQO paper §4.1, appendix A): `dqo_sample` draws `dqo_data.params.n` responses per
+training problem from pi0 and grades them; `dqo_datasets` scores every response's tokens under
+pi_ref = pi0 with the scoring workers and writes each method's training set:
+
+    trajectories.jsonl  dqo, dro   every graded response: reward 1 (correct) / 0, per-token log-probs,
+                                   process rewards per token when `dqo_data.process_scores` (dqo_process.py)
+    labelled.jsonl      kto        every graded response, desirable = correct, sequence ref log-prob
+    pairs.jsonl         dpo        (correct, wrong) responses of one prompt; all such pairs are pooled and
+                                   ~ dpo_pair_ratio x len(trajectories) drawn at random (appendix A: half)
+    rs.jsonl            rs_baseline  the correct responses (SFT records; rejection sampling)
+    gold.jsonl          sft_baseline the dataset's solution of each sampled problem (arith: the correct chain)
+
+Every method sees the same token sequences: prompt + response + eos, the response re-tokenized from
+its text (the trajectory, pair, labelled and sft builders all do so), so one scoring pass serves all:
+a trajectory's `ref_logp` is the per-token list, a pair's or labelled record's the list's sum.
+
+Behaviour log-probs (mu in DQO's importance weight, eq. 16): we store pi0's log-probs at temperature
+1, the same numbers as `ref_logp`, so w(tau) = exp(min(1, sum log pi_theta/pi0)) starts at 1. The true
+sampling distribution differs when `dqo_data.params` truncates (top_k 16, top_p 0.9) or changes the
+temperature: mu(a) = pi0(a)/Z on the kept tokens (Z <= 1 the kept mass), so log pi0/mu = log Z <= 0 per
+token and the exact weight of a long response would be vanishingly small; using pi0 treats the data as
+on-policy for pi0, which is what a forward pass of the sampling model gives (the sampler's own
+`token_logprobs`, the truncated mu, stay in `dqo_sample/shards` for anyone who wants them).
+Responses that do not fit `model.max_seq_len` with their prompt are dropped (counted in the summary).
+"""
+from __future__ import annotations
+
+import bisect
+import random
+
+from stepwise.data.jsonl import DataError, read_jsonl, write_jsonl
+from stepwise.pipeline.context import StageContext
+from stepwise.pipeline.registry import stage
+from stepwise.pipeline.stages.data import tokenizer_dir
+from stepwise.pipeline.stages.dqo_process import sample_key, segment_token_rewards
+from stepwise.pipeline.stages.model import base_policy
+from stepwise.pipeline.stages.sampling import grade_records
+
+SHARD_ONLY = ("token_ids", "token_logprobs", "solution")
+DATASETS = {"dqo": "trajectories.jsonl", "dro": "trajectories.jsonl", "kto": "labelled.jsonl",
+            "dpo": "pairs.jsonl", "rs_baseline": "rs.jsonl", "sft_baseline": "gold.jsonl"}
+
+
+@stage("dqo_sample", depends=("export", "init", "data"),
+       config_keys=("dqo_data.n_problems", "dqo_data.params", "sampling.backend", "sampling.batch_size",
+                    "sampling.shard_size", "task.name"))
+def dqo_sample(ctx: StageContext) -> dict:
+    from stepwise.sampling import make_sampler, sample_to_shards
+
+    config, data = ctx.config, ctx.config.dqo_data
+    chosen = read_jsonl(ctx.path("data") / "train.jsonl")[: data.n_problems or None]
+    sampler = make_sampler(config.sampling.backend, base_policy(ctx)[1], batch_size=config.sampling.batch_size)
+    shards = sample_to_shards(sampler, chosen, "problem", data.params, ctx.dir("dqo_sample") / "shards",
+                              shard_size=config.sampling.shard_size, desc="dqo_sample")
+    sampler.close()
+    graded = []  # without the per-token sampler fields (they stay in the shards) or the gold solution
+    for shard in shards:
+        rows = [{k: v for k, v in r.items() if k not in SHARD_ONLY} for r in read_jsonl(shard)]
+        graded += grade_records(config.task.name, rows)
+    write_jsonl(ctx.dir("dqo_sample") / "graded.jsonl", graded)
+    outcomes: dict[str, list[bool]] = {}
+    for record in graded:
+        outcomes.setdefault(record["id"], []).append(record["correct"])
+    positives = sum(r["correct"] for r in graded)
+    return {"problems": len(chosen), "samples": len(graded), "positives": positives,
+            "negatives": len(graded) - positives, "sample_accuracy": positives / max(1, len(graded)),
+            "pass_at_n": sum(any(v) for v in outcomes.values()) / max(1, len(outcomes)),
+            "all_wrong_problems": sum(not any(v) for v in outcomes.values()),
+            "all_right_problems": sum(all(v) for v in outcomes.values())}
+
+
+def rs_records(graded: list[dict]) -> list[dict]:
+    """Rejection sampling: every correct response as an SFT record."""
+    return [{"prompt": r["problem"], "response": r["response"]} for r in graded if r["correct"]]
+
+
+def gold_records(train: list[dict], ids: set[str], source: str) -> list[dict]:
+    """SFT on the dataset's solutions of the problems `ids` (records of the data stage's train split)."""
+    out = []
+    for index, problem in enumerate(train, start=1):
+        if problem["id"] not in ids:
+            continue
+        if not isinstance(problem.get("solution"), str) or not problem["solution"].strip():
+            raise DataError(f"{source}:{index}: problem {problem['id']!r} has no 'solution' for the SFT baseline "
+                            f"(re-run the data stage: `stepwise stage data RECIPE`)")
+        out.append({"prompt": problem["problem"], "response": problem["solution"]})
+    return out
+
+
+def pair_indices(groups: list[tuple[list[int], list[int]]], count: int, rng: random.Random) -> list[tuple[int, int]]:
+    """`count` distinct (positive, negative) pairs drawn uniformly from the pool of every pairing of a
+    group's positives with its negatives (all of the pool when it is smaller), in pool order."""
+    sizes = [len(pos) * len(neg) for pos, neg in groups]
+    ends = [sum(sizes[: g + 1]) for g in range(len(sizes))]
+    total = ends[-1] if ends else 0
+    chosen = sorted(rng.sample(range(total), min(count, total)))
+    pairs = []
+    for number in chosen:
+        g = bisect.bisect_right(ends, number)
+        offset = number - (ends[g] - sizes[g])
+        pos, neg = groups[g]
+        pairs.append((pos[offset // len(neg)], neg[offset % len(neg)]))
+    return pairs
+
+
+def dpo_pairs(graded: list[dict], count: int, seed: int) -> list[tuple[dict, dict]]:
+    """(chosen, rejected) responses to one problem, `count` of them (see `pair_indices`)."""
+    by_problem: dict[str, tuple[list[int], list[int]]] = {}
+    for index, record in enumerate(graded):
+        by_problem.setdefault(record["id"], ([], []))[0 if record["correct"] else 1].append(index)
+    groups = [by_problem[key] for key in sorted(by_problem)]
+    return [(graded[p], graded[n]) for p, n in pair_indices(groups, count, random.Random(f"dpo-pairs-{seed}"))]
+
+
+def fitting(tokenizer, records: list[dict], max_seq_len: int) -> list[dict]:
+    """The records whose prompt + response + eos fit max_seq_len + 1 tokens (what the builders accept)."""
+    if not records:
+        return []
+    prompts = tokenizer([r["problem"] for r in records], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([r["response"] for r in records], add_special_tokens=False)["input_ids"]
+    return [r for r, p, y in zip(records, prompts, responses) if len(p) + len(y) + 1 <= max_seq_len + 1]
+
+
+def _process_rows(ctx: StageContext) -> dict[str, dict]:
+    """`dqo_process` rows by sample key ({} when process scores are off)."""
+    if not ctx.config.dqo_data.process_scores:
+        return {}
+    return {row["key"]: row for row in read_jsonl(ctx.path("dqo_process") / "process.jsonl")}
+
+
+@stage("dqo_datasets", depends=("dqo_sample", "dqo_process", "data", "tokenizer", "sft", "init"),
+       config_keys=("dqo_data.process_scores", "dqo_data.dpo_pair_ratio", "model.max_seq_len", "parallel",
+                    "run.seed"))
+def dqo_datasets(ctx: StageContext) -> dict:
+    from stepwise.pipeline.stages.dapo_train import score
+    from stepwise.tasks.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir(ctx))
+    out = ctx.dir("dqo_datasets")
+    all_graded = read_jsonl(ctx.path("dqo_sample") / "graded.jsonl")
+    graded = fitting(tokenizer, all_graded, ctx.config.model.max_seq_len)
+    keys = [sample_key(r["problem"], r["response"]) for r in graded]
+    unique = {k: {"prompt": r["problem"], "response": r["response"]} for k, r in zip(keys, graded)}
+    scores = score(ctx, base_policy(ctx)[0], "tokens", list(unique.values()), "dqo_datasets/reference") if unique else []
+    logp = {k: row["logprobs"] for k, row in zip(unique, scores)}
+    process = _process_rows(ctx)
+    trajectories = []
+    for key, r in zip(keys, graded):
+        record = {"id": r["id"], "prompt": r["problem"], "response": r["response"],
+                  "reward": 1.0 if r["correct"] else 0.0, "ref_logp": logp[key], "behaviour_logp": logp[key]}
+        if process:
+            row = process[key]
+            record["process_rewards"] = (segment_token_rewards(tokenizer, r["response"], row["segments"], row["step_rewards"])
+                                         if row["segments"] else [0.0] * len(logp[key]))
+        trajectories.append(record)
+    labelled = [{"prompt": r["problem"], "response": r["response"], "desirable": bool(r["correct"]),
+                 "ref_logp": sum(logp[k])} for k, r in zip(keys, graded)]
+    count = round(ctx.config.dqo_data.dpo_pair_ratio * len(trajectories))
+    pairs = [{"prompt": c["problem"], "chosen": c["response"], "rejected": w["response"],
+              "ref_chosen_logp": sum(logp[sample_key(c["problem"], c["response"])]),
+              "ref_rejected_logp": sum(logp[sample_key(w["problem"], w["response"])])}
+             for c, w in dpo_pairs(graded, count, ctx.config.run.seed)]
+    ids = {r["id"] for r in all_graded}
+    sets = {"trajectories.jsonl": trajectories, "labelled.jsonl": labelled, "pairs.jsonl": pairs,
+            "rs.jsonl": rs_records(graded),
+            "gold.jsonl": gold_records(read_jsonl(ctx.path("data") / "train.jsonl"), ids, str(ctx.path("data") / "train.jsonl"))}
+    for name, records in sets.items():
+        write_jsonl(out / name, records)
+    positives = sum(r["correct"] for r in graded)
+    return {"sizes": {method: len(sets[name]) for method, name in DATASETS.items()},
+            "trajectories": len(trajectories), "positives": positives, "negatives": len(graded) - positives,
+            "dropped_too_long": len(all_graded) - len(graded), "unique_responses": len(unique),
+            "process_rewards": bool(process),
+            "mean_ref_logp": sum(sum(v) for v in logp.values()) / max(1, len(logp))}
