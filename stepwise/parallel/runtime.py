@@ -75,8 +75,8 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int, int]:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     else:
         cpu_shim.install()
-    if world_size == 1:  # alone: a fresh local port, never one inherited from a parent's process group
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
+    if world_size == 1 and "RANK" not in os.environ:  # alone and not launched: a fresh local port, never
+        os.environ["MASTER_ADDR"] = "127.0.0.1"  # one inherited from a parent's process group
         os.environ["MASTER_PORT"] = str(_free_port())
     dist.init_process_group(
         backend="nccl" if use_cuda else "gloo",
