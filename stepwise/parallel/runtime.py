@@ -3,7 +3,7 @@
 `init_parallel(tp, pp, seed)` reads RANK/WORLD_SIZE/LOCAL_RANK (torchrun) or SLURM_PROCID/
 SLURM_NTASKS/SLURM_LOCALID (srun), falls back to a single process, picks NCCL on GPU and gloo on CPU
 (applying the CPU shim), initialises megatron's TP/PP/DP groups and seeds every RNG the way megatron
-expects. `all_ranks_ok` turns a local failure into one every rank sees before the next collective.
+expects (a failure seen by one rank is raised on all of them by `stepwise.parallel.agree`).
 """
 from __future__ import annotations
 
@@ -129,16 +129,6 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
         dp_rank=parallel_state.get_data_parallel_rank(),
         device=device,
     )
-
-
-def all_ranks_ok(ok: bool) -> bool:
-    """True only if `ok` holds on every rank (a MIN all-reduce); call at the same point on all ranks."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return ok
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def shutdown() -> None:

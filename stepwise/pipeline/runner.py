@@ -45,7 +45,7 @@ def label(name: str, iteration: int) -> str:
     return name if iteration == 1 else f"iteration_{iteration}/{name}"
 
 
-def _inputs(config: RecipeConfig, name: str, iteration: int, keys: dict[tuple[str, int], str]) -> dict[str, str]:
+def _inputs(name: str, iteration: int, keys: dict[tuple[str, int], str]) -> dict[str, str]:
     """Keys of what stage `name` at `iteration` reads: its dependencies (same iteration when iterative)
     and, past iteration 1, the previous iteration's last stage (its policy is pi_ref now)."""
     stage = registry.get(name)
@@ -71,7 +71,7 @@ def run_pipeline(config: RecipeConfig, only: list[str] | None = None, force: boo
     keys: dict[tuple[str, int], str] = {}
     for name, iteration in stage_plan(config):
         stage, ctx, title = registry.get(name), root.at(iteration), label(name, iteration)
-        key = manifest.stage_key(name, config, stage.config_keys, _inputs(config, name, iteration, keys))
+        key = manifest.stage_key(name, config, stage.config_keys, _inputs(name, iteration, keys))
         keys[(name, iteration)] = key
         where = ctx.path(name)
         previous = manifest.read(where)

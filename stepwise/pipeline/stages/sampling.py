@@ -2,7 +2,7 @@
 accuracy on held-out problems)."""
 from __future__ import annotations
 
-from stepwise.data.jsonl import read_jsonl, write_jsonl
+from stepwise.data.jsonl import write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.data import problems
