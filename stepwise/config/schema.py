@@ -110,6 +110,7 @@ class TrainConfig:
     max_wall_minutes: Optional[float] = None  # save and exit with the requeue code before this wall time
     data_errors: str = "strict"  # bad input records: strict (stop before training) | lenient (skip, count)
     max_bad_fraction: float = 0.01  # lenient: abort when more than this fraction of records is bad
+    score_micro_batch_size: Optional[int] = None  # forward-only scoring with this section's model; None: micro_batch_size
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: Optional[ParallelConfig] = None  # this section's own layout (a 7B critic beside a 72B policy); None: the recipe's
 
@@ -165,8 +166,8 @@ def _baseline_sft() -> TrainConfig:
 
 @dataclass
 class DQODataConfig:
-    """Data side of DQO and its baselines (DQO paper §4.1, §4.4, appendix A); the train sections
-    `dqo`, `dro`, `dpo`, `kto`, `sft_baseline`, `rs_baseline` sit beside it."""
+    """Data and value-network side of DQO and its baselines (DQO paper §4.1, §4.4, appendix A); the
+    train sections `dqo`, `dro`, `dpo`, `kto`, `sft_baseline`, `rs_baseline` sit beside it."""
 
     n_problems: int = 0  # training problems to sample responses for (0: all of the task's train split)
     # the behaviour policy mu = pi0: 20 responses per prompt, top_p 0.9, top_k 16 (the paper's thresh_p 0.01
@@ -178,6 +179,10 @@ class DQODataConfig:
     max_segments: int = 0  # 0: one segment per step; k > 0: consecutive steps merged into at most k segments
     dpo_pair_ratio: float = 0.5  # DPO pairs ~ this x the DQO trajectories (appendix A: about half)
     eval_seeds: int = 0  # > 0: also sampled accuracy (one sample per test problem per seed; paper: 5)
+    # V_phi of dqo / dro: separate (its own network beside the policy, the paper's) | head (a scalar head on
+    # the policy trunk: one model's memory)
+    value_model: str = "separate"
+    value_init: Optional[str] = None  # HF causal-LM dir the separate value network starts from; None: pi0
 
 
 @dataclass

@@ -18,6 +18,7 @@ TASKS = ("arith", "gsm8k", "math")
 NAN_POLICIES = ("skip", "stop")
 TRAIN_SECTIONS = ("sft", "critic", "policy", "rs", "dqo", "dro", "dpo", "kto", "sft_baseline", "rs_baseline")
 DATA_ERRORS = ("strict", "lenient")
+VALUE_MODELS = ("separate", "head")
 
 
 def _fail(source: str, message: str):
@@ -63,9 +64,11 @@ def _check_layout(parallel, hf: dict, where: str, source: str) -> int:
     return world // (parallel.tp * parallel.pp)
 
 
-def _critic_fields(config: RecipeConfig, source: str) -> dict:
-    """config.json of the model the critic starts from: skywork_dapo.critic_init, else the policy's."""
-    path = config.skywork_dapo.critic_init
+def _start_fields(config: RecipeConfig, key: str, source: str) -> dict:
+    """config.json of the model recipe key `key` (skywork_dapo.critic_init, dqo_data.value_init) names
+    as a starting point, else the policy's."""
+    section, name = key.split(".")
+    path = getattr(getattr(config, section), name)
     if path is None:
         return _hf_fields(config, source)
     from stepwise.models.hf_config import ConfigError as HFConfigError, load_hf_config
@@ -73,7 +76,24 @@ def _critic_fields(config: RecipeConfig, source: str) -> dict:
     try:
         return load_hf_config(path)
     except HFConfigError as error:
-        _fail(source, f"skywork_dapo.critic_init: {error}")
+        _fail(source, f"{key}: {error}")
+
+
+def _check_value_network(config: RecipeConfig, policy_fields: dict, source: str) -> None:
+    """dqo / dro with a separate value network: it reads the policy's tokens (same vocabulary) and runs
+    at the section's layout beside the policy (its heads and layers must split the same way)."""
+    data = config.dqo_data
+    _one_of(source, "dqo_data.value_model", data.value_model, VALUE_MODELS)
+    if data.value_model != "separate":
+        return
+    fields = _start_fields(config, "dqo_data.value_init", source)
+    vocab, policy_vocab = fields.get("vocab_size"), policy_fields.get("vocab_size")
+    if data.value_init and vocab and policy_vocab and vocab != policy_vocab:
+        _fail(source, f"dqo_data.value_init={data.value_init}: vocab_size {vocab} differs from the policy's "
+                      f"{policy_vocab}; the value network reads the policy's tokens")
+    for section in ("dqo", "dro"):
+        if section in config.run.stages:
+            _check_layout(config.layout_for(section), fields, f"{section}.parallel (value network)", source)
 
 
 def _check_reliability(train: TrainConfig, section: str, source: str) -> None:
@@ -97,6 +117,9 @@ def check_train(train: TrainConfig, section: str, dp: int, source: str) -> None:
     per_step = train.micro_batch_size * dp
     if train.micro_batch_size < 1 or train.global_batch_size < 1:
         _fail(source, f"{section}.global_batch_size and micro_batch_size must be >= 1")
+    if train.score_micro_batch_size is not None and train.score_micro_batch_size < 1:
+        _fail(source, f"{section}.score_micro_batch_size={train.score_micro_batch_size} must be >= 1, or null "
+                      f"for micro_batch_size")
     if train.global_batch_size % per_step:
         _fail(source, f"{section}.global_batch_size={train.global_batch_size} is not divisible by "
                       f"micro_batch_size x DP = {train.micro_batch_size} x {dp}; "
@@ -155,9 +178,10 @@ def validate(config: RecipeConfig, source: str = "recipe") -> None:
     policy_fields = _hf_fields(config, source)
     dp = _check_layout(config.parallel, policy_fields, "parallel", source)
     _check_dqo_data(config, source)
+    _check_value_network(config, policy_fields, source)
     for section in TRAIN_SECTIONS:
         own = getattr(config, section).parallel
         if own is not None:  # the section's own layout, checked against the model it trains
-            fields = _critic_fields(config, source) if section == "critic" else policy_fields
+            fields = _start_fields(config, "skywork_dapo.critic_init", source) if section == "critic" else policy_fields
             section_dp = _check_layout(own, fields, f"{section}.parallel", source)
         check_train(getattr(config, section), section, section_dp if own is not None else dp, source)

@@ -26,10 +26,11 @@ from stepwise.convert.tables import rules_for
 from stepwise.data.jsonl import atomic_write_json
 from stepwise.models.builder import DTYPES
 from stepwise.models.hf_config import arch_from_hf_dict
+from stepwise.models.policy_value import VALUE_PREFIXES
 
 
-# heads a causal-LM export leaves out, by the checkpoint's model_kind (DQO's value head on the policy trunk)
-DROPPED_HEADS = {"policy_value": ("value_head.",)}
+# parts a causal-LM export leaves out, by the checkpoint's model_kind (DQO's value head or value network)
+DROPPED_HEADS = {"policy_value": VALUE_PREFIXES}
 
 
 def saved_dtype(meta: dict, hf_config: dict) -> str:
@@ -72,7 +73,7 @@ def _groups(triples, num_layers: int) -> list[list]:
     return [group for group in groups if group]
 
 
-def _check_keys(triples, stored: dict, iteration: Path, num_layers: int, dropped: tuple[str, ...]) -> None:
+def check_stored_keys(triples, stored: dict, iteration: Path, num_layers: int, dropped: tuple[str, ...]) -> None:
     expected = set()
     for _, _, name in triples:
         key, layer = dist_io.locate(name)
@@ -122,7 +123,7 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str
     triples = pairs(rules_for(arch, value_head=critic), arch)
     stored = dist_io.stored_tensors(iteration)
     dropped = DROPPED_HEADS.get(meta.get("model_kind"), ())
-    _check_keys(triples, stored, iteration, arch.num_layers, dropped)
+    check_stored_keys(triples, stored, iteration, arch.num_layers, dropped)
 
     def slice_of(name):  # (shape, dtype) of this name's part of its stored tensor
         key, layer = dist_io.locate(name)

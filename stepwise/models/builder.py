@@ -128,13 +128,14 @@ def layer_spec(options: EngineOptions, config=None):
         layer_specs=layers, layer_norm=variants.ZeroCenteredRMSNorm))
 
 
-def build_gpt_model(arch: ModelArch, options: EngineOptions, max_seq_len: int | None = None):
-    """A `GPTModel` holding this rank's shard of `arch` (random init; load weights separately)."""
+def build_gpt_model(arch: ModelArch, options: EngineOptions, max_seq_len: int | None = None, model_class=None):
+    """A `GPTModel` (or the subclass `model_class`) holding this rank's shard of `arch` (random init;
+    load weights separately)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     config = transformer_config(arch, options)
-    model = GPTModel(
+    model = (model_class or GPTModel)(
         config=config,
         transformer_layer_spec=layer_spec(options, config),
         vocab_size=padded_vocab_size(arch.vocab_size, options),

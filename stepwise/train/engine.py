@@ -149,19 +149,23 @@ class Engine:
 
 def build_engine(
     arch: ModelArch, model_config: ModelConfig, parallel: ParallelConfig, train: TrainConfig, layout: Layout,
-    total_steps: int, kind: str = "policy",
+    total_steps: int, kind: str = "policy", value_arch: ModelArch | None = None,
 ) -> Engine:
-    """Model (policy or critic), DDP wrapper, megatron optimizer and scheduler for `total_steps` steps."""
+    """Model (policy, critic, or policy_value: with a value head, or with a separate value network of
+    `value_arch`), DDP wrapper, megatron optimizer and scheduler for `total_steps` steps."""
     from stepwise.models.critic import build_critic_model
-    from stepwise.models.policy_value import build_policy_value_model
+    from stepwise.models.policy_value import build_policy_value_model, build_policy_with_value_network
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     options = engine_options(model_config, parallel)
     builder = {"critic": build_critic_model, "policy_value": build_policy_value_model}.get(kind, build_gpt_model)
-    model = builder(arch, options, max_seq_len=model_config.max_seq_len)
-    config = model.config
+    if value_arch is not None:
+        model = build_policy_with_value_network(arch, value_arch, options, max_seq_len=model_config.max_seq_len)
+    else:
+        model = builder(arch, options, max_seq_len=model_config.max_seq_len)
+    config = getattr(model, "pipeline_config", model.config)  # the schedule's p2p width comes from DDP's config
     distributed_optimizer = parallel.use_distributed_optimizer and torch.cuda.is_available()
     ddp = DistributedDataParallel(
         config,

@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("--recipe", "--ckpt", "--data", "--tokenizer", "--out"):
         parser.add_argument(name, required=True)
     parser.add_argument("--kind", choices=["critic", "policy", "tokens"], required=True)
-    parser.add_argument("--micro-batch-size", type=int, default=64)
+    parser.add_argument("--micro-batch-size", type=int, required=True,
+                        help="records per forward (the section's score_micro_batch_size)")
     parser.add_argument("--section", default="policy", help="the train section whose layout the scoring runs at")
     args = parser.parse_args(argv)
 

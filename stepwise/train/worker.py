@@ -35,6 +35,34 @@ def build_batches(kind: str, records: list[dict], tokenizer, config, train, sour
     return module.build_batches(records, tokenizer, config, train, source, where=where, screen=screen)
 
 
+def load_start_weights(engine, model_kind: str, init: str, value_init: str | None, log: bool) -> None:
+    """A fresh run's weights: everything from `init`, except the parts a checkpoint of another kind lacks
+    (a critic's value head, DQO's value head or network), which start fresh; a separate value network
+    takes its trunk from `value_init`."""
+    from stepwise.checkpoint.state import load_checkpoint, unwrap
+    from stepwise.models.critic import is_head_key
+    from stepwise.models.policy_value import is_value_key
+
+    def kind_of(path):
+        return ckpt_layout.read_meta(ckpt_layout.resolve(path)).get("model_kind", "policy")
+
+    def say(message):
+        if log:
+            print(f"[stepwise] {message}", flush=True)
+
+    same_kind = kind_of(init) == model_kind
+    fresh = None if same_kind else {"critic": is_head_key, "policy_value": is_value_key}.get(model_kind)
+    load_checkpoint(init, engine.model, skip=fresh)
+    network = getattr(unwrap(engine.model), "value_network", None)
+    if network is not None and not same_kind:
+        critic = kind_of(value_init) == "critic"
+        load_checkpoint(value_init, network, skip=None if critic else is_head_key)
+        say(f"policy from {init}; value network from {value_init}" + ("" if critic else ", its head freshly initialised"))
+    elif fresh is not None:
+        say(f"{model_kind} trunk from {init}; value head freshly initialised")
+    engine.optimizer.reload_model_params()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", required=True, help="resolved recipe YAML")
@@ -44,14 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", required=True, help="checkpoint with the initial weights (and hf/config.json)")
     parser.add_argument("--out", required=True, help="checkpoint root to write (and resume from)")
     parser.add_argument("--max-steps", type=int, default=None, help="override the section's max_steps")
+    parser.add_argument("--value-init", default=None,
+                        help="checkpoint the separate value network of dqo/dro starts from (default: --init)")
     args = parser.parse_args(argv)
 
     from stepwise import losses
-    from stepwise.checkpoint.state import load_checkpoint
     from stepwise.config.loader import load_resolved
     from stepwise.data.records import RecordScreen, read_records
-    from stepwise.models.critic import is_head_key
-    from stepwise.models.policy_value import is_value_head_key
     from stepwise.models.hf_config import arch_from_hf
     from stepwise.parallel.agree import rank_symmetric
     from stepwise.parallel.runtime import init_parallel, shutdown
@@ -75,21 +102,20 @@ def main(argv: list[str] | None = None) -> int:
         records, where, count = read_records(args.data, plugin.data_kind, screen)
         batches = build_batches(plugin.data_kind, records, tokenizer, config, train, args.data, where=where, screen=screen)
         screen.finish(count, args.data)
+        value_init, value_arch = None, None
+        if plugin.model_kind == "policy_value" and config.dqo_data.value_model == "separate":
+            value_init = args.value_init or args.init
+            value_arch = arch_from_hf(ckpt_layout.hf_metadata_dir(value_init))
     engine = build_engine(arch, config.model, parallel, train, layout, total_steps(train, batches, config.run.seed),
-                          kind=plugin.model_kind)
+                          kind=plugin.model_kind, value_arch=value_arch)
     out = Path(args.out)
     if ckpt_layout.latest_iteration(out) is None:
-        init_kind = ckpt_layout.read_meta(ckpt_layout.resolve(args.init)).get("model_kind", "policy")
-        head_keys = {"critic": is_head_key, "policy_value": is_value_head_key}.get(plugin.model_kind)
-        fresh_head = head_keys is not None and init_kind != plugin.model_kind
-        load_checkpoint(args.init, engine.model, skip=head_keys if fresh_head else None)
-        if fresh_head and layout.is_logging_rank:
-            print(f"[stepwise] {plugin.model_kind} trunk from {args.init}; value head freshly initialised", flush=True)
-        engine.optimizer.reload_model_params()
+        load_start_weights(engine, plugin.model_kind, args.init, value_init, layout.is_logging_rank)
         if layout.rank == 0:
             ckpt_layout.save_hf_metadata(out, json.loads((hf_dir / "config.json").read_text()), hf_dir)
     meta = {"section": args.section, "loss": train.loss, "dtype": config.model.dtype, "model_kind": plugin.model_kind,
-            "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "init": str(args.init)}
+            "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "init": str(args.init),
+            **({"value_init": str(value_init)} if value_init else {})}
     run_training(engine, batches, partial(plugin.compute, options), train, out, config.run.seed, meta, desc=args.section)
     shutdown()
     return 0

@@ -1,5 +1,5 @@
-"""Worker: gradient of one fixed global batch for every loss plugin, split as asked; saves
-{plugin: {param: grad}} from rank 0.
+"""Worker: gradient of one fixed global batch for every loss plugin (`cases`), split as asked; saves
+{case: {param: grad}} from rank 0.
 
     python _grad_worker.py OUT MICRO_BATCH_SIZE          (single process or under torchrun, TP=PP=1)
 """
@@ -27,6 +27,25 @@ TINY = dict(model_type="qwen2", vocab_size=40, hidden_size=32, num_hidden_layers
 GLOBAL_BATCH = 4
 PROMPT = 3
 OPTIONS = {"kto": {"kl_group_size": 1}}  # KTO's reference point is per group; a group of one splits anywhere
+VALUE_TINY = dict(TINY, hidden_size=48, intermediate_size=96)  # a separate value network of another width
+NETWORK = "+network"  # case suffix: a policy_value plugin with a separate value network (else the value head)
+
+
+def cases() -> list[str]:
+    """Every plugin; the policy_value ones (dqo, dro) with a value head and with a separate network."""
+    out = []
+    for name in losses.names():
+        out += [name, name + NETWORK] if losses.get(name).model_kind == "policy_value" else [name]
+    return out
+
+
+def engine_for(case: str, train: TrainConfig, parallel: ParallelConfig, layout, total: int):
+    """(plugin, engine) of a case over the TINY policy."""
+    plugin = losses.get(case.removesuffix(NETWORK))
+    value_arch = arch_from_hf_dict(VALUE_TINY) if case.endswith(NETWORK) else None
+    engine = build_engine(arch_from_hf_dict(TINY), ModelConfig(max_seq_len=32), parallel, train, layout, total,
+                          kind=plugin.model_kind, value_arch=value_arch)
+    return plugin, engine
 
 
 def random_sequences(count: int, seed: int, prompt_tokens: int = PROMPT) -> list[dict]:
@@ -76,19 +95,16 @@ def batches_for(plugin, micro_batch_size: int, count: int = GLOBAL_BATCH):
     raise ValueError(f"no test batches for data kind {kind}")
 
 
-def gradients(name: str, micro_batch_size: int) -> dict[str, torch.Tensor]:
+def gradients(case: str, micro_batch_size: int) -> dict[str, torch.Tensor]:
     layout = init_parallel(1, 1, seed=7)
-    plugin = losses.get(name)
-    train = TrainConfig(loss=name, global_batch_size=GLOBAL_BATCH, micro_batch_size=micro_batch_size)
-    parallel = ParallelConfig(nproc_per_node=layout.world_size)
-    engine = build_engine(arch_from_hf_dict(TINY), ModelConfig(max_seq_len=32), parallel, train, layout, 10,
-                          kind=plugin.model_kind)
+    train = TrainConfig(loss=case.removesuffix(NETWORK), global_batch_size=GLOBAL_BATCH, micro_batch_size=micro_batch_size)
+    plugin, engine = engine_for(case, train, ParallelConfig(nproc_per_node=layout.world_size), layout, 10)
     micro = batches_for(plugin, micro_batch_size).micro_batches(list(range(GLOBAL_BATCH)), layout.dp_rank, layout.dp)
-    engine.forward_backward(micro, partial(plugin.compute, plugin.parse_options(OPTIONS.get(name, {}))))
+    engine.forward_backward(micro, partial(plugin.compute, plugin.parse_options(OPTIONS.get(plugin.name, {}))))
     return {param: p.main_grad.detach().clone() for param, p in engine.model.module.named_parameters()}
 
 
 if __name__ == "__main__":
-    grads = {name: gradients(name, int(sys.argv[2])) for name in losses.names()}
+    grads = {case: gradients(case, int(sys.argv[2])) for case in cases()}
     if torch.distributed.get_rank() == 0:
         torch.save(grads, sys.argv[1])

@@ -1,6 +1,7 @@
 """Worker: train the tiny model with the real loop for STEPS steps into OUT (resuming if OUT has a
 checkpoint), then save {param: tensor} of the final model as OUT/final.pt from rank 0. With LOSSES
-(comma-separated plugin names) each loss trains its own model in OUT/<loss>/ on random data of its kind.
+(comma-separated `_grad_worker.cases`, e.g. dqo+network) each trains its own model in OUT/<case>/ on
+random data of its kind.
 
     python _train_worker.py OUT STEPS TOTAL_STEPS [TP PP [LOSSES]]     (single process or under torchrun)
 """
@@ -12,26 +13,22 @@ from pathlib import Path
 
 import torch
 
-from stepwise import losses
 from stepwise.checkpoint.state import unwrap
-from stepwise.config.schema import ModelConfig, ParallelConfig, TrainConfig
-from stepwise.models.hf_config import arch_from_hf_dict
+from stepwise.config.schema import ParallelConfig, TrainConfig
 from stepwise.parallel.runtime import init_parallel
-from stepwise.train.engine import build_engine
 from stepwise.train.loop import run_training
 from stepwise.train.sft_data import SFTBatches
-from tests.integration._grad_worker import OPTIONS, TINY, batches_for, random_sequences
+from tests.integration._grad_worker import NETWORK, OPTIONS, batches_for, engine_for, random_sequences
 
 
 def train_one(out: Path, steps: int, total: int, layout, tp: int, pp: int, loss: str | None) -> None:
     """`loss` None: the original SFT run on 64 sequences; else the plugin on 32 samples of its data kind."""
-    plugin = losses.get(loss or "sft")
-    train = TrainConfig(loss=plugin.name, global_batch_size=8, micro_batch_size=2, max_steps=total, save_every=2,
-                        log_every=1)
+    case = loss or "sft"
+    train = TrainConfig(loss=case.removesuffix(NETWORK), global_batch_size=8, micro_batch_size=2, max_steps=total,
+                        save_every=2, log_every=1)
     train.optim.lr = 1e-3
     parallel = ParallelConfig(tp=tp, pp=pp, nproc_per_node=layout.world_size)
-    engine = build_engine(arch_from_hf_dict(TINY), ModelConfig(max_seq_len=32), parallel, train, layout, total,
-                          kind=plugin.model_kind)
+    plugin, engine = engine_for(case, train, parallel, layout, total)
     batches = SFTBatches(random_sequences(64, 1, 2), 0, 32, 2) if loss is None else batches_for(plugin, 2, count=32)
     train.max_steps = steps  # stop early (as a preempted job would); the schedule still spans `total`
     options = plugin.parse_options(OPTIONS.get(plugin.name, {}))

@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from safetensors import safe_open
+
+from stepwise.checkpoint import layout as ckpt_layout
 from stepwise.config import load_recipe
+from stepwise.convert.dist_io import stored_tensors
 from stepwise.data.jsonl import read_jsonl
 from tests.integration.test_pipeline import REPO, stepwise
 
@@ -76,6 +80,12 @@ def test_dqo_smoke_recipe_runs_every_stage_and_skips_them_on_rerun(tmp_path):
         assert len(summary["sampled"]["per_seed"]) == 2
         assert (run_dir / method / method / "model.safetensors").is_file()
     assert len(report["dqo_base_eval"]["sampled"]["per_seed"]) == 2
+    for method in ("dqo", "dro"):  # the paper's separate value network (dqo_data.value_model default) is trained
+        # and saved beside the policy, and left out of the HF export
+        stored = stored_tensors(ckpt_layout.latest_iteration(run_dir / method / "checkpoints"))
+        assert "value_network.decoder.final_layernorm.weight" in stored, method
+        with safe_open(run_dir / method / method / "model.safetensors", "pt") as exported:
+            assert not any("value" in key for key in exported.keys()), method
     markdown = (run_dir / "report.md").read_text()
     assert "## DQO and baselines" in markdown and "| pi0 (base) |" in markdown
     for method in METHODS:

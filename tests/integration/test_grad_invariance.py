@@ -9,6 +9,7 @@ import torch
 
 from stepwise import losses
 from tests.conftest import run_python, run_torchrun
+from tests.integration._grad_worker import NETWORK, cases
 
 WORKER = Path(__file__).with_name("_grad_worker.py")
 
@@ -22,7 +23,8 @@ def reference(tmp_path_factory) -> dict:
 
 def _assert_same(a: dict, b: dict, tol: float = 1e-6) -> None:
     """Equal to `tol` relative to the gradient's scale (fp32 sums in another order), at least 1e-6 absolute."""
-    for plugin in losses.names():
+    assert a.keys() == b.keys() == set(cases())
+    for plugin in a:
         assert a[plugin].keys() == b[plugin].keys(), plugin
         for name in a[plugin]:
             diff = (a[plugin][name] - b[plugin][name]).abs().max()
@@ -45,3 +47,4 @@ def test_data_parallel_2_equals_one_process(reference, tmp_path):
 
 def test_every_plugin_is_covered():
     assert {"sft", "skywork_dapo", "critic_bce", "dqo", "dro", "dpo", "kto"} <= set(losses.names())
+    assert {"dqo", "dqo" + NETWORK, "dro", "dro" + NETWORK} <= set(cases())

@@ -85,7 +85,7 @@ def test_kill_during_checkpoint_publication_keeps_the_previous_one_and_resumes_b
     assert steps == [1, 2, 3, 4, 5, 6], "lines of steps after the checkpoint are dropped on resume"
 
 
-RESUME_LOSSES = ("sft", "critic_bce", "skywork_dapo", "dqo")
+RESUME_LOSSES = ("sft", "critic_bce", "skywork_dapo", "dqo", "dqo+network")  # dqo: value head; +network: separate
 
 
 @pytest.mark.slow

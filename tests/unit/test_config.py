@@ -110,3 +110,25 @@ def test_a_section_layout_is_checked_against_the_model_it_trains():
     assert (config.layout_for("critic").tp, config.layout_for("policy").tp) == (4, 8)
     with pytest.raises(ConfigError, match="critic.parallel.tp=8 does not divide num_attention_heads=28"):
         load_recipe(recipe, _fixture_for(recipe) + ["critic.parallel.tp=8"])
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["dqo_data.value_model=shared"], "dqo_data.value_model='shared' is not one of ['separate', 'head']"),
+    (["policy.score_micro_batch_size=0"], "policy.score_micro_batch_size=0 must be >= 1"),
+])
+def test_value_model_and_scoring_settings_are_checked(tmp_path, overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("[", r"\[").replace(".", r"\.")):
+        load_recipe(write(tmp_path, ""), overrides)
+
+
+def test_a_separate_value_network_shares_the_policy_vocabulary_and_runs_at_its_layout():
+    configs = REPO / "tests/fixtures/configs"
+    recipe = REPO / "recipes/dqo/qwen2-7b-instruct_1n8g_tp4.yaml"
+    math = load_recipe(recipe, _fixture_for(recipe) + [f"dqo_data.value_init={configs / 'Qwen2.5-Math-7B-Instruct.json'}"])
+    assert math.dqo_data.value_model == "separate"
+    with pytest.raises(ConfigError, match="vocab_size 128256 differs from the policy's 152064"):
+        load_recipe(recipe, _fixture_for(recipe) + [f"dqo_data.value_init={configs / 'Llama-3.1-8B-Instruct.json'}"])
+    tiny = REPO / "recipes/tiny/dqo_arith.yaml"
+    with pytest.raises(ConfigError, match=r"dqo\.parallel \(value network\)\.tp=4 does not divide num_attention_heads=14"):
+        load_recipe(tiny, [f"dqo_data.value_init={configs / 'Qwen2.5-0.5B-Instruct.json'}", "dqo.parallel.tp=4",
+                           "dqo.parallel.nproc_per_node=4"])

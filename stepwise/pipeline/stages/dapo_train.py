@@ -24,8 +24,8 @@ def held_out(problem_id: str, fraction: float) -> bool:
 
 
 def score(ctx: StageContext, checkpoint: str | Path, kind: str, records: list[dict], name: str) -> list[dict]:
-    """Forward-only scores of `records` by the workers (see `stepwise.train.score`), at the layout and
-    with the tokenizer of the model's train section (critic or policy)."""
+    """Forward-only scores of `records` by the workers (see `stepwise.train.score`), at the layout, with
+    the tokenizer and at the scoring micro-batch size of the model's train section (critic or policy)."""
     from stepwise.train.score import read_scores
 
     out = ctx.dir(name.split("/")[0]) / (name.split("/")[-1] + "_scores")
@@ -33,9 +33,11 @@ def score(ctx: StageContext, checkpoint: str | Path, kind: str, records: list[di
     data = out.with_suffix(".jsonl")
     write_jsonl(data, records)
     section = "critic" if kind == "critic" else "policy"
+    train = getattr(ctx.config, section)
     launch(ctx.config.layout_for(section), "stepwise.train.score",
            ["--recipe", str(ctx.resolved_recipe), "--ckpt", str(checkpoint), "--kind", kind, "--data", str(data),
-            "--tokenizer", section_tokenizer(ctx, section), "--out", str(out), "--section", section])
+            "--tokenizer", section_tokenizer(ctx, section), "--out", str(out), "--section", section,
+            "--micro-batch-size", str(train.score_micro_batch_size or train.micro_batch_size)])
     return read_scores(out)
 
 

@@ -19,6 +19,7 @@ from stepwise.pipeline.stages.model import base_policy, last_metrics, train_sect
 
 METHODS = ("sft_baseline", "rs_baseline", "dpo", "kto", "dro", "dqo")  # the paper's table order
 EVAL_KEYS = ("eval", "dqo_data.eval_seeds", "dqo_data.params", "sampling.backend", "task.name")
+VALUE_KEYS = {method: ("dqo_data.value_model", "dqo_data.value_init") for method in ("dqo", "dro")}  # V_phi's structure
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -84,7 +85,7 @@ def _register(method: str) -> None:
 
     run.__doc__ = f"DQO paper baseline/method `{method}`: train section `{method}` on dqo_datasets/{DATASETS[method]}."
     stage(method, depends=("dqo_datasets", "sft", "init", "export", "data"),
-          config_keys=(method, *EVAL_KEYS, "model", "parallel", "run.seed"))(run)
+          config_keys=(method, *EVAL_KEYS, "model", "parallel", "run.seed", *VALUE_KEYS.get(method, ())))(run)
 
 
 for _method in METHODS:

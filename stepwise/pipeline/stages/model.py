@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stepwise import losses
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.launch import launch
 from stepwise.pipeline.registry import stage
@@ -10,7 +11,8 @@ from stepwise.pipeline.stages.data import tokenizer_dir
 
 
 @stage("init", depends=("tokenizer",),
-       config_keys=("model.path", "model.hf_config", "model.dtype", "run.seed", "skywork_dapo.critic_init"))
+       config_keys=("model.path", "model.hf_config", "model.dtype", "run.seed", "skywork_dapo.critic_init",
+                    "dqo_data.value_init"))
 def init_model(ctx: StageContext) -> dict:
     from stepwise.convert.hf_to_megatron import convert_hf_to_megatron
     from stepwise.models.init import random_hf_model
@@ -23,10 +25,11 @@ def init_model(ctx: StageContext) -> dict:
         source = random_hf_model(ctx.config.model.hf_config, tokenizer, out / "hf", ctx.config.run.seed)
     convert_hf_to_megatron(source, out / "megatron", dtype=ctx.config.model.dtype)
     summary = {"hf": str(source), "megatron": str(out / "megatron")}
-    critic_init = ctx.config.skywork_dapo.critic_init
-    if critic_init:  # the critic's own starting model (its trunk; the value head starts fresh)
-        convert_hf_to_megatron(critic_init, out / "critic", dtype=ctx.config.model.dtype)
-        summary["critic"] = str(out / "critic")
+    # other starting models (their trunks; value heads start fresh): Skywork DAPO's critic, DQO's value network
+    for name, start in (("critic", ctx.config.skywork_dapo.critic_init), ("value", ctx.config.dqo_data.value_init)):
+        if start:
+            convert_hf_to_megatron(start, out / name, dtype=ctx.config.model.dtype)
+            summary[name] = str(out / name)
     return summary
 
 
@@ -38,12 +41,15 @@ def section_tokenizer(ctx: StageContext, section: str) -> str:
 
 
 def train_section(ctx: StageContext, section: str, data: Path, init: str | Path, max_steps: int | None = None) -> Path:
-    """Run the workers of a train section; returns its checkpoint root."""
+    """Run the workers of a train section; returns its checkpoint root. A separate DQO value network
+    starts from `dqo_data.value_init` when given (converted by `init`), else from `init` itself."""
     out = ctx.dir(section) / "checkpoints"
     args = ["--recipe", str(ctx.resolved_recipe), "--section", section, "--data", str(data),
             "--tokenizer", section_tokenizer(ctx, section), "--init", str(init), "--out", str(out)]
     if max_steps is not None:
         args += ["--max-steps", str(max_steps)]
+    if ctx.config.dqo_data.value_init and losses.get(getattr(ctx.config, section).loss).model_kind == "policy_value":
+        args += ["--value-init", ctx.summary("init")["value"]]
     launch(ctx.config.layout_for(section), "stepwise.train.worker", args)
     return out
 
