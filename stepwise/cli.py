@@ -3,7 +3,7 @@
     stepwise run RECIPE.yaml [key=value ...]        run every stage (finished ones are skipped)
     stepwise stage NAME RECIPE.yaml [key=value ...] re-run one stage (its inputs must be finished)
     stepwise plan RECIPE.yaml [key=value ...]       validate and print the resolved recipe and stages
-    stepwise convert hf-to-megatron|megatron-to-hf ARGS...
+    stepwise convert hf-to-megatron|megatron-to-hf|nemo-to-megatron ARGS...
     stepwise spread RUN_DIR RUN_DIR ... [--out FILE]  accuracy mean/std across seeds
 """
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+
+CONVERTERS = {"hf-to-megatron": "hf_to_megatron", "megatron-to-hf": "megatron_to_hf", "nemo-to-megatron": "nemo_import"}
 
 
 def _quiet() -> None:
@@ -36,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("name")
     one.add_argument("recipe")
     one.add_argument("overrides", nargs="*")
-    convert = commands.add_parser("convert", help="HF <-> megatron checkpoint conversion")
-    convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    convert = commands.add_parser("convert", help="HF <-> megatron checkpoint conversion; NeMo 2 -> megatron")
+    convert.add_argument("direction", choices=sorted(CONVERTERS))
     convert.add_argument("rest", nargs=argparse.REMAINDER)
     spread = commands.add_parser("spread", help="accuracy spread across runs (seeds) of one recipe")
     spread.add_argument("run_dirs", nargs="+")
@@ -53,10 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "convert":
-            module = "hf_to_megatron" if args.direction == "hf-to-megatron" else "megatron_to_hf"
             from importlib import import_module
 
-            return import_module(f"stepwise.convert.{module}").main(args.rest)
+            return import_module(f"stepwise.convert.{CONVERTERS[args.direction]}").main(args.rest)
         config = _load(args)
     except ConfigError as error:
         print(f"stepwise: error: {error}", file=sys.stderr)

@@ -63,22 +63,44 @@ def stored_tensors(iteration_dir: Path) -> dict[str, tuple[tuple[int, ...], torc
             if isinstance(value, TensorStorageMetadata) and not key.startswith(NON_MODEL_PREFIXES)}
 
 
-def load_tensors(iteration_dir: Path, wanted: dict[str, tuple[tuple[int, ...], torch.dtype]], num_layers: int):
-    """{megatron name: tensor} for `wanted` {name: (shape of this name's slice, dtype)}; reads those bytes only."""
-    from megatron.core import dist_checkpointing
+def load_tensors(iteration_dir: Path, wanted: dict[str, tuple[tuple[int, ...], torch.dtype]], num_layers: int,
+                 prefix: str = ""):
+    """{megatron name: tensor} for `wanted` {name: (shape of this name's slice, dtype)}, stored under
+    `prefix` + key (NeMo's `module.`); reads those bytes only, through megatron's torch_dist load
+    strategy (not `dist_checkpointing.load`, which would also unpickle the checkpoint's common.pt)."""
     from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
     templates = {}
     for name, (shape, dtype) in wanted.items():
         key, layer = locate(name)
         if layer is None:
-            templates[name] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype), replica_id=0)
+            templates[name] = ShardedTensor.from_rank_offsets(prefix + key, torch.empty(shape, dtype=dtype), replica_id=0)
         else:  # one [1, ...] block of the [layers, ...] tensor (a prepended axis would claim every layer locally)
-            templates[name] = ShardedTensor.from_rank_offsets(key, torch.empty((1, *shape), dtype=dtype),
+            templates[name] = ShardedTensor.from_rank_offsets(prefix + key, torch.empty((1, *shape), dtype=dtype),
                                                               (0, layer, num_layers), replica_id=0)
-    # a partial read: megatron would flag the layers nobody reads
-    loaded = dist_checkpointing.load(templates, str(iteration_dir), validate_access_integrity=False)
+    loaded = TorchDistLoadShardedStrategy().load(templates, Path(iteration_dir))
     return {name: tensor if locate(name)[1] is None else tensor[0] for name, tensor in loaded.items()}
+
+
+def publish_streamed(entries: list["Entry"], num_layers: int, out_dir: Path, meta: dict, desc: str,
+                     progress: bool = True) -> None:
+    """Write `entries` as iteration 0 of the model-only checkpoint `out_dir`: staged, fsynced, then
+    published with `meta` (a conversion's source, dtype, family, model_kind), with a progress bar."""
+    import time
+
+    from tqdm import tqdm
+
+    from stepwise.checkpoint import layout
+    from stepwise.parallel.runtime import init_parallel
+
+    init_parallel(1, 1)
+    bar = tqdm(total=len(entries), desc=desc, unit="tensor", disable=not progress)
+    staged = layout.staging_dir(out_dir, 0)
+    save_streamed(entries, num_layers, staged, on_tensor=lambda n: bar.update())
+    bar.close()
+    layout.fsync_tree(staged)
+    layout.publish(out_dir, 0, {"step": 0, "saved_at": time.time(), "has_optimizer": False, "tp": 1, "pp": 1, **meta})
 
 
 @dataclass(frozen=True)

@@ -54,10 +54,6 @@ def peak_rss_mb() -> float:
 def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
                            progress: bool = True) -> dict:
     """Convert; returns a summary (tensors and bytes read, seconds, dtype, peak RSS)."""
-    from tqdm import tqdm
-
-    from stepwise.parallel.runtime import init_parallel
-
     began = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     arch = arch_from_hf(hf_dir)
@@ -77,15 +73,9 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: str |
 
     entries = [dist_io.Entry(name, megatron_shape(rule, [source.shape[n] for n in hf_names], arch, padded), target,
                              maker(rule, hf_names)) for rule, hf_names, name in pairs(rules, arch)]
-    init_parallel(1, 1)
-    bar = tqdm(total=len(entries), desc="hf -> megatron", unit="tensor", disable=not progress)
-    staged = layout.staging_dir(out_dir, 0)
-    dist_io.save_streamed(entries, arch.num_layers, staged, on_tensor=lambda n: bar.update())
-    bar.close()
-    layout.fsync_tree(staged)
-    layout.publish(out_dir, 0, {"step": 0, "saved_at": time.time(), "has_optimizer": False, "source": str(hf_dir),
-                                "dtype": dtype, "family": arch.family, "tp": 1, "pp": 1,
-                                "model_kind": "critic" if critic else "policy"})
+    dist_io.publish_streamed(entries, arch.num_layers, out_dir, {"source": str(hf_dir), "dtype": dtype, "family": arch.family,
+                                                                "model_kind": "critic" if critic else "policy"},
+                             "hf -> megatron", progress)
     layout.save_hf_metadata(out_dir, load_hf_config(hf_dir), hf_dir)
     return {"tensors": len(names), "bytes": sum(source.nbytes(n) for n in names),
             "seconds": round(time.perf_counter() - began, 2), "dtype": dtype, "peak_rss_mb": peak_rss_mb(),
