@@ -89,7 +89,8 @@ def test_dqo_smoke_recipe_runs_every_stage_and_skips_them_on_rerun(tmp_path):
     markdown = (run_dir / "report.md").read_text()
     assert "## DQO and baselines" in markdown and "| pi0 (base) |" in markdown
     for method in METHODS:
-        assert f"| {method} |" in markdown
+        name = f"{method} (value separate)" if method in ("dqo", "dro") else method
+        assert f"| {name} |" in markdown, method
 
     stages = load_recipe(REPO / "recipes/tiny/dqo_smoke.yaml").run.stages
     second = stepwise("run", "recipes/tiny/dqo_smoke.yaml", f"run.dir={run_dir}")

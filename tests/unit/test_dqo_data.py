@@ -194,10 +194,10 @@ def test_report_table_has_a_row_per_method_with_greedy_and_sampled_accuracy():
     greedy = {"problems": 10, "correct": 4, "accuracy": 0.4}
     sampled = {"mean": 0.35, "std": 0.02, "per_seed": [0.33, 0.37], "n_problems": 10}
     stages = {"eval": {"base": greedy}, "dqo_base_eval": {"sampled": sampled},
-              "dqo": {"records": 64, "final": {"step": 5}, "dqo": greedy, "sampled": sampled},
+              "dqo": {"records": 64, "final": {"step": 5}, "dqo": greedy, "sampled": sampled, "value_model": "head"},
               "dpo": {"records": 2, "skipped": "2 records < one global batch of 4"}}
     text = "\n".join(table_lines(stages))
     assert "| pi0 (base) | 0.400 (4/10) | 0.350 ± 0.020 (2 seeds) |" in text
-    assert "| dqo | 0.400 (4/10) | 0.350 ± 0.020 (2 seeds) | 64 | 5 |" in text
+    assert "| dqo (value head) | 0.400 (4/10) | 0.350 ± 0.020 (2 seeds) | 64 | 5 |" in text
     assert "| dpo | skipped: 2 records" in text and "rs_baseline" not in text
     assert table_lines({"eval": {"base": greedy}}) == []

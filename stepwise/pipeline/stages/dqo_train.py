@@ -75,6 +75,8 @@ def train_method(ctx: StageContext, method: str) -> dict:
     checkpoints = train_section(ctx, method, ctx.path("dqo_datasets") / DATASETS[method], base_policy(ctx)[0])
     summary = {"records": records, "checkpoints": str(checkpoints), "final": last_metrics(checkpoints),
                **export_and_evaluate(ctx, method, str(checkpoints), method)}
+    if method in VALUE_KEYS:  # which V_phi it trained (the report names it)
+        summary["value_model"] = ctx.config.dqo_data.value_model
     sampled = sampled_accuracy(ctx, summary["policy"], method, method)
     return {**summary, "sampled": sampled} if sampled else summary
 
@@ -114,7 +116,8 @@ def table_lines(stages: dict) -> list[str]:
             lines.append(f"| {method} | skipped: {summary['skipped']} | | {summary.get('records', '-')} | 0 |")
             continue
         steps = summary.get("final", {}).get("step", "-")
-        lines.append(f"| {method} | {cells(summary.get(method), summary.get('sampled'))} | "
+        name = f"{method} (value {summary['value_model']})" if "value_model" in summary else method
+        lines.append(f"| {name} | {cells(summary.get(method), summary.get('sampled'))} | "
                      f"{summary.get('records', '-')} | {steps} |")
     data = stages.get("dqo_datasets")
     if data:
