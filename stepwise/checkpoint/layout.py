@@ -6,14 +6,16 @@
 
 An iteration is written to `iter_XXXXXXX.tmp/`, fsynced, renamed into place only when complete, and
 `latest` is replaced atomically (temporary file + rename) after that, so a crash at any point leaves
-the previous checkpoint loadable. `stepwise.json` records every file's size; loading checks them, so
-a truncated shard or a missing file is an error naming that file, never a silent load.
+the previous checkpoint loadable. `stepwise.json` records every file's size and CRC-32; loading
+checks them, so a truncated, missing or corrupted (same size, other bytes) shard is an error naming
+that file, never a silent load.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 from stepwise.data.jsonl import _fsync_dir, atomic_write_text
@@ -99,6 +101,31 @@ def verify_files(iteration_dir: str | Path, meta: dict) -> None:
             raise CheckpointError(f"{path}: {found} bytes, {size} when published (truncated or corrupt)")
 
 
+def crc32(path: Path, chunk_bytes: int = 1 << 24) -> str:
+    """CRC-32 of a file, read in chunks (zlib: about a GB/s per process), as 8 hex digits."""
+    value = 0
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            value = zlib.crc32(chunk, value)
+    return f"{value:08x}"
+
+
+def file_checksums(directory: str | Path, names: list[str]) -> dict[str, str]:
+    """{name: CRC-32} of the files `names` under `directory`."""
+    return {name: crc32(Path(directory) / name) for name in names}
+
+
+def verify_checksums(iteration_dir: str | Path, meta: dict, names: list[str] | None = None) -> None:
+    """Raise CheckpointError naming the first of `names` (default: every file with a recorded CRC-32)
+    whose bytes differ from publication. Checkpoints published without checksums pass unchecked."""
+    recorded = meta.get("crc32") or {}
+    for name in sorted(recorded) if names is None else names:
+        path = Path(iteration_dir) / name
+        found = crc32(path)
+        if found != recorded[name]:
+            raise CheckpointError(f"{path}: CRC-32 {found}, {recorded[name]} when published (corrupt)")
+
+
 def fsync_tree(directory: str | Path) -> None:
     """fsync every file and directory under `directory` (flushes this node's cache of the writes)."""
     directory = Path(directory)
@@ -122,13 +149,17 @@ def staging_dir(root: str | Path, step: int) -> Path:
     return path
 
 
-def publish(root: str | Path, step: int, meta: dict) -> Path:
-    """Finish a staged (and fsynced) iteration: write its meta with the file manifest, rename it into
-    place, repoint `latest`. An existing iteration of the same step is moved aside first and deleted
-    last; until `latest` is rewritten, `latest_iteration` falls back to the moved-aside copy."""
+def publish(root: str | Path, step: int, meta: dict, checksums: dict[str, str] | None = None) -> Path:
+    """Finish a staged (and fsynced) iteration: write its meta with the file manifest (sizes, and the
+    CRC-32 of each file: `checksums`, else computed here), rename it into place, repoint `latest`. An
+    existing iteration of the same step is moved aside first and deleted last; until `latest` is
+    rewritten, `latest_iteration` falls back to the moved-aside copy."""
     root = Path(root)
     staged = root / (iteration_name(step) + ".tmp")
-    atomic_write_text(staged / META, json.dumps({**meta, "files": file_sizes(staged)}, indent=2, sort_keys=True) + "\n")
+    sizes = file_sizes(staged)
+    checksums = file_checksums(staged, sorted(sizes)) if checksums is None else checksums
+    manifest = {**meta, "files": sizes, "crc32": checksums}
+    atomic_write_text(staged / META, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     final = root / iteration_name(step)
     aside = root / (iteration_name(step) + ".old")
     if final.exists():

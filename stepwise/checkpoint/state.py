@@ -3,8 +3,9 @@
 Tensors are stored with their global shapes (megatron `ShardedTensor`s), so a checkpoint written at
 one TP/PP/DP loads at another (the per-rank RNG state only where the topology is the same). Every rank
 calls these functions together (they are collective). Saving stages, fsyncs (one process per node)
-and publishes atomically (`layout.publish`); loading first checks the file manifest on rank 0 and
-fails on every rank, naming the damaged file, before megatron reads a byte.
+and publishes atomically (`layout.publish`) with every file's size and CRC-32 (the ranks share the
+checksumming out); loading first checks sizes on rank 0 and checksums on all ranks (each its share)
+and fails on every rank, naming the damaged file, before megatron reads a byte.
 """
 from __future__ import annotations
 
@@ -90,6 +91,36 @@ def _sharded_state(model, optimizer, with_rng: bool, is_loading: bool = False, s
     return state
 
 
+def _rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _my_files(names: list[str]) -> list[str]:
+    """This rank's share of `names`: the ranks together read every file once."""
+    rank, world = _rank_and_world()
+    return names[rank::world]
+
+
+def _shared_checksums(staged: Path) -> dict[str, str] | None:
+    """CRC-32 of every file of a written iteration, the files shared out over all ranks (rank 0
+    lists them); gathered on rank 0 (None elsewhere). A read error on any rank is raised on all."""
+    rank, world = _rank_and_world()
+    names = [sorted(layout.file_sizes(staged)) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(names, src=0)
+    mine, problem = {}, None
+    try:
+        mine = layout.file_checksums(staged, _my_files(names[0]))
+    except OSError as error:
+        problem = layout.CheckpointError(f"{staged}: cannot checksum: {error}")
+    raise_if_any(problem)
+    if world == 1:
+        return mine
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    return {name: value for part in parts for name, value in part.items()} if rank == 0 else None
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -119,12 +150,13 @@ def save_checkpoint(
     if dist.is_initialized():
         dist.barrier()
     inject.kill_point("staged", step)
+    checksums = _shared_checksums(staged)
     final = Path(root) / layout.iteration_name(step)
     if rank0:
         full_meta = {"step": step, "saved_at": time.time(), "has_optimizer": optimizer is not None,
                      "topology": _topology()}
         full_meta.update(meta or {})
-        layout.publish(root, step, full_meta)
+        layout.publish(root, step, full_meta, checksums)
     if dist.is_initialized():
         dist.barrier()
     return final
@@ -147,6 +179,11 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, loa
             layout.verify_files(iteration, meta)
         except layout.CheckpointError as error:
             problem = error
+    raise_if_any(problem)
+    try:  # the ranks share the files out: one read of the checkpoint in all
+        layout.verify_checksums(iteration, meta, _my_files(sorted(meta.get("crc32") or {})))
+    except (layout.CheckpointError, OSError) as error:
+        problem = error
     raise_if_any(problem)
     if load_rng and meta.get("topology") not in (None, _topology()):
         load_rng = False  # the per-rank RNG grid has another shape; model, optimizer and data order still load

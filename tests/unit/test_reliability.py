@@ -1,5 +1,5 @@
 """Reliability pieces that need no process group: atomic publication and its crash fallbacks, the file
-manifest (truncated / missing shard -> error naming the file, through `load_checkpoint` itself),
+manifest (truncated / missing / corrupted shard -> error naming the file, through `load_checkpoint` itself),
 retention, the stop guard (signals, deadline), the fault-injection hooks and the config checks."""
 from __future__ import annotations
 
@@ -56,6 +56,16 @@ def test_truncated_or_missing_shard_fails_loading_naming_the_file(tmp_path):
         load_checkpoint(tmp_path, model=None)
     (final / layout.META).write_text('{"step": 2, "fi')
     with pytest.raises(layout.CheckpointError, match="stepwise.json: unreadable"):
+        load_checkpoint(tmp_path, model=None)
+
+
+def test_a_corrupted_shard_of_the_same_size_fails_loading_naming_the_file(tmp_path):
+    final = stage(tmp_path, 2)
+    assert layout.read_meta(final)["crc32"] == {"__0_0.distcp": layout.crc32(final / "__0_0.distcp"),
+                                                "sub/common.pt": layout.crc32(final / "sub" / "common.pt")}
+    shard = final / "__0_0.distcp"
+    shard.write_bytes(b"x" * 50 + b"y" + b"x" * 49)  # one byte flipped, size unchanged
+    with pytest.raises(layout.CheckpointError, match=rf"{shard}: CRC-32 [0-9a-f]{{8}}, [0-9a-f]{{8}} when published \(corrupt"):
         load_checkpoint(tmp_path, model=None)
 
 
