@@ -5,9 +5,11 @@ critic: `AutoModelForTokenClassification`, num_labels=1) / `AutoTokenizer` and s
 
 Streamed: no model is built; the checkpoint is read one layer at a time and each tensor is written
 straight into its shard, so host memory holds about one layer. Config and tokenizer come from the
-checkpoint's `hf/` directory, or from `--hf-template DIR`.
+checkpoint's `hf/` directory, or from `--hf-template DIR`. `--part value_network` exports the separate
+value network of a DQO / DRO checkpoint (as a critic) instead of its policy.
 
     python conversion/megatron_to_hf.py --ckpt DIR --out DIR [--hf-template DIR] [--dtype D] [--max-shard-size 5GB]
+                                        [--part model|value_network]
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from stepwise.convert.tables import rules_for
 from stepwise.data.jsonl import atomic_write_json
 from stepwise.models.builder import DTYPES
 from stepwise.models.hf_config import arch_from_hf_dict
-from stepwise.models.policy_value import VALUE_PREFIXES
+from stepwise.models.policy_value import VALUE_NETWORK_PREFIX, VALUE_PREFIXES
 
 
 # parts a causal-LM export leaves out, by the checkpoint's model_kind (DQO's value head or value network)
@@ -102,27 +104,36 @@ def _write_config(out_dir: Path, hf_meta: Path, hf_config: dict, dtype: str, cri
 
 def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
                            hf_template: str | Path | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-                           progress: bool = True) -> dict:
-    """Convert; returns a summary (tensors and bytes written, files, seconds, dtype, peak RSS)."""
+                           progress: bool = True, part: str = "model") -> dict:
+    """Convert; returns a summary (tensors and bytes written, files, seconds, dtype, peak RSS).
+    `part="value_network"` exports DQO's separate value network of a policy_value checkpoint instead
+    (as a critic: *ForTokenClassification), its config from `ROOT/value_network/hf`."""
     from tqdm import tqdm
 
     from stepwise.parallel.runtime import init_parallel
 
     began = time.perf_counter()
     out_dir = Path(out_dir)
-    hf_meta = Path(hf_template) if hf_template else layout.hf_metadata_dir(ckpt_dir)
-    hf_config = json.loads((hf_meta / "config.json").read_text())
-    arch = arch_from_hf_dict(hf_config, source=str(hf_meta / "config.json"))
     iteration = layout.resolve(ckpt_dir)
     meta = layout.read_meta(iteration)
+    prefix = "" if part == "model" else VALUE_NETWORK_PREFIX
+    if part not in ("model", "value_network"):
+        raise ValueError(f"part {part!r} is not 'model' or 'value_network'")
+    hf_meta = Path(hf_template) if hf_template else layout.hf_metadata_dir(iteration.parent / part if prefix else ckpt_dir)
+    hf_config = json.loads((hf_meta / "config.json").read_text())
+    arch = arch_from_hf_dict(hf_config, source=str(hf_meta / "config.json"))
     layout.verify_files(iteration, meta)
+    layout.verify_checksums(iteration, meta)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     dtype = dtype or saved_dtype(meta, hf_config)
-    critic = meta.get("model_kind") == "critic"
+    critic = meta.get("model_kind") == "critic" or bool(prefix)
     triples = pairs(rules_for(arch, value_head=critic), arch)
-    stored = dist_io.stored_tensors(iteration)
-    dropped = DROPPED_HEADS.get(meta.get("model_kind"), ())
+    stored = {key[len(prefix):]: value for key, value in dist_io.stored_tensors(iteration).items()
+              if key.startswith(prefix)}
+    if not stored:
+        raise MappingError(f"{iteration}: no tensors under '{prefix}' (not a checkpoint with a separate value network)")
+    dropped = () if prefix else DROPPED_HEADS.get(meta.get("model_kind"), ())
     check_stored_keys(triples, stored, iteration, arch.num_layers, dropped)
 
     def slice_of(name):  # (shape, dtype) of this name's part of its stored tensor
@@ -138,7 +149,8 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str
     def tensors():
         bar = tqdm(total=len(groups), desc="megatron -> hf", unit="layer", disable=not progress)
         for group in groups:
-            loaded = dist_io.load_tensors(iteration, {name: slice_of(name) for _, _, name in group}, arch.num_layers)
+            loaded = dist_io.load_tensors(iteration, {name: slice_of(name) for _, _, name in group}, arch.num_layers,
+                                          prefix)
             for rule, hf_names, name in group:
                 for hf_name, tensor in zip(hf_names, to_hf_tensors(rule, loaded.pop(name), arch)):
                     yield hf_name, tensor.to(DTYPES[dtype])
@@ -161,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-template", default=None, help="config.json + tokenizer source (default: CKPT/hf)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB, 500MB (default 5GB)")
+    parser.add_argument("--part", choices=["model", "value_network"], default="model",
+                        help="value_network: DQO's separate value network of a dqo/dro checkpoint, as a critic")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     summary = convert_megatron_to_hf(args.ckpt, args.out, args.dtype, args.hf_template, args.max_shard_size,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, part=args.part)
     print(json.dumps(summary))
     return 0

@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         load_start_weights(engine, plugin.model_kind, args.init, value_init, layout.is_logging_rank)
         if layout.rank == 0:
             ckpt_layout.save_hf_metadata(out, json.loads((hf_dir / "config.json").read_text()), hf_dir)
+            if value_init:  # the separate value network's own config, for `megatron_to_hf --part value_network`
+                value_hf = ckpt_layout.hf_metadata_dir(value_init)
+                ckpt_layout.save_hf_metadata(out / "value_network", json.loads((value_hf / "config.json").read_text()),
+                                             value_hf)
     meta = {"section": args.section, "loss": train.loss, "dtype": config.model.dtype, "model_kind": plugin.model_kind,
             "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "init": str(args.init),
             **({"value_init": str(value_init)} if value_init else {})}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from safetensors import safe_open
+from transformers import AutoModelForTokenClassification
 
 from stepwise.checkpoint import layout as ckpt_layout
 from stepwise.config import load_recipe
@@ -86,6 +87,9 @@ def test_dqo_smoke_recipe_runs_every_stage_and_skips_them_on_rerun(tmp_path):
         assert "value_network.decoder.final_layernorm.weight" in stored, method
         with safe_open(run_dir / method / method / "model.safetensors", "pt") as exported:
             assert not any("value" in key for key in exported.keys()), method
+        value = AutoModelForTokenClassification.from_pretrained(report[method]["value_network"])  # V_phi, as a critic
+        values = value(torch.tensor([[1, 2, 3]])).logits
+        assert values.shape == (1, 3, 1) and torch.isfinite(values).all(), method
     markdown = (run_dir / "report.md").read_text()
     assert "## DQO and baselines" in markdown and "| pi0 (base) |" in markdown
     for method in METHODS:

@@ -75,8 +75,14 @@ def train_method(ctx: StageContext, method: str) -> dict:
     checkpoints = train_section(ctx, method, ctx.path("dqo_datasets") / DATASETS[method], base_policy(ctx)[0])
     summary = {"records": records, "checkpoints": str(checkpoints), "final": last_metrics(checkpoints),
                **export_and_evaluate(ctx, method, str(checkpoints), method)}
-    if method in VALUE_KEYS:  # which V_phi it trained (the report names it)
+    if method in VALUE_KEYS:  # which V_phi it trained (the report names it); a separate one is exported too
         summary["value_model"] = ctx.config.dqo_data.value_model
+        if summary["value_model"] == "separate":
+            from stepwise.convert.megatron_to_hf import convert_megatron_to_hf
+
+            value_dir = ctx.dir(method) / "value_network"
+            convert_megatron_to_hf(checkpoints, value_dir, part="value_network", progress=False)
+            summary["value_network"] = str(value_dir)
     sampled = sampled_accuracy(ctx, summary["policy"], method, method)
     return {**summary, "sampled": sampled} if sampled else summary
 
