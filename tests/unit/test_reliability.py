@@ -3,7 +3,6 @@ manifest (truncated / missing / corrupted shard -> error naming the file, throug
 retention, the stop guard (signals, deadline), the fault-injection hooks and the config checks."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
