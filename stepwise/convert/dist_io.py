@@ -10,6 +10,7 @@ layer. Both need a (size-1) process group, as megatron's own save and load do.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -83,12 +84,10 @@ def load_tensors(iteration_dir: Path, wanted: dict[str, tuple[tuple[int, ...], t
     return {name: tensor if locate(name)[1] is None else tensor[0] for name, tensor in loaded.items()}
 
 
-def publish_streamed(entries: list["Entry"], num_layers: int, out_dir: Path, meta: dict, desc: str,
+def publish_streamed(entries: list[Entry], num_layers: int, out_dir: Path, meta: dict, desc: str,
                      progress: bool = True) -> None:
     """Write `entries` as iteration 0 of the model-only checkpoint `out_dir`: staged, fsynced, then
     published with `meta` (a conversion's source, dtype, family, model_kind), with a progress bar."""
-    import time
-
     from tqdm import tqdm
 
     from stepwise.checkpoint import layout

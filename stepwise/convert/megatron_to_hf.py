@@ -114,11 +114,11 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str
 
     began = time.perf_counter()
     out_dir = Path(out_dir)
-    iteration = layout.resolve(ckpt_dir)
-    meta = layout.read_meta(iteration)
-    prefix = "" if part == "model" else VALUE_NETWORK_PREFIX
     if part not in ("model", "value_network"):
         raise ValueError(f"part {part!r} is not 'model' or 'value_network'")
+    prefix = "" if part == "model" else VALUE_NETWORK_PREFIX
+    iteration = layout.resolve(ckpt_dir)
+    meta = layout.read_meta(iteration)
     hf_meta = Path(hf_template) if hf_template else layout.hf_metadata_dir(iteration.parent / part if prefix else ckpt_dir)
     hf_config = json.loads((hf_meta / "config.json").read_text())
     arch = arch_from_hf_dict(hf_config, source=str(hf_meta / "config.json"))

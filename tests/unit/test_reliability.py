@@ -68,6 +68,21 @@ def test_a_corrupted_shard_of_the_same_size_fails_loading_naming_the_file(tmp_pa
         load_checkpoint(tmp_path, model=None)
 
 
+def test_a_file_is_checksummed_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    final = stage(tmp_path, 2)
+    meta, reads = layout.read_meta(final), []
+    real = layout.crc32
+    monkeypatch.setattr(layout, "crc32", lambda path: reads.append(path.name) or real(path))
+    layout.verify_checksums(final, meta)
+    layout.verify_checksums(final, meta)  # a second model from the same checkpoint: nothing read again
+    assert sorted(reads) == ["__0_0.distcp", "common.pt"]
+    shard = final / "__0_0.distcp"
+    shard.write_bytes(b"x" * 50 + b"y" + b"x" * 49)
+    os.utime(shard, ns=(1, 1))  # changed since (another mtime): checked again, and caught
+    with pytest.raises(layout.CheckpointError, match="when published \\(corrupt"):
+        layout.verify_checksums(final, meta)
+
+
 def test_retention_keeps_the_last_k_every_mth_and_latest():
     steps = [100, 200, 300, 400, 500, 600, 700]
     assert steps_to_delete(steps, 700, keep_last=2, keep_every=0) == [100, 200, 300, 400, 500]
