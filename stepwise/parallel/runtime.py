@@ -7,6 +7,7 @@ expects (a failure seen by one rank is raised on all of them by `stepwise.parall
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import random
@@ -85,6 +86,10 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int, int]:
         world_size=world_size,
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
+    # Tear down while the interpreter is still whole: a gloo group left to interpreter finalisation can
+    # abort the process (SIGABRT, "terminate called without an active exception"; pytorch#190489).
+    atexit.unregister(shutdown)  # once, however often a process re-initialises
+    atexit.register(shutdown)
     return rank, world_size, local_rank
 
 

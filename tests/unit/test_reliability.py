@@ -1,10 +1,12 @@
 """Reliability pieces that need no process group: atomic publication and its crash fallbacks, the file
 manifest (truncated / missing / corrupted shard -> error naming the file, through `load_checkpoint` itself),
-retention, the stop guard (signals, deadline), the fault-injection hooks and the config checks."""
+retention, the stop guard (signals, deadline), the process group's teardown at exit, the fault-injection hooks and the config checks."""
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -158,3 +160,16 @@ def test_bad_reliability_settings_fail_at_load_naming_the_key(override, message)
     with pytest.raises(ConfigError) as caught:
         load_recipe(recipe, [override])
     assert message in str(caught.value)
+
+
+def test_the_process_group_is_torn_down_at_exit_while_the_interpreter_is_whole():
+    """A gloo group left to interpreter finalisation can SIGABRT the process (seen in CI: "terminate
+    called without an active exception"); init_distributed registers the teardown with atexit."""
+    script = ("import atexit, torch.distributed as dist\n"
+              "atexit.register(lambda: print('initialised at exit:', dist.is_initialized()))\n"
+              "from stepwise.parallel.runtime import init_distributed\n"
+              "init_distributed(); init_distributed()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "initialised at exit: False" in result.stdout
