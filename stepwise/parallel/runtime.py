@@ -8,10 +8,13 @@ expects (a failure seen by one rank is raised on all of them by `stepwise.parall
 from __future__ import annotations
 
 import atexit
+import ctypes
 import datetime
 import os
 import random
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,8 +69,24 @@ def launch_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def exit_with_launcher() -> None:
+    """Under torchrun on Linux, have the kernel SIGKILL this worker when its torchrun agent dies.
+
+    torchrun starts each worker in a session of its own, so a `stepwise run` killed with its process
+    group (OOM killer, `kill -9`, a lost login shell) would leave the workers running for the whole
+    collective timeout, holding GPU memory and writing into the run directory the re-run uses.
+    (srun's workers are already killed with their step.)"""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() == 1:  # the agent died before the call: nobody will signal us
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init_distributed(timeout_minutes: int = 30) -> tuple[int, int, int]:
     """Start the default process group once per process; returns (rank, world, local_rank)."""
+    exit_with_launcher()
     rank, world_size, local_rank = launch_env()
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), local_rank

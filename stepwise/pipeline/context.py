@@ -50,7 +50,7 @@ class StageContext:
     def summary(self, stage: str) -> dict:
         path = self.path(stage)
         if path not in self.summaries:
-            found = manifest.read(path)
+            found = manifest.read(path, self.run_dir)
             if found is None:
                 raise RuntimeError(f"stage '{stage}' has not finished in {path.parent} (no manifest)")
             self.summaries[path] = found["summary"]

@@ -74,7 +74,7 @@ def run_pipeline(config: RecipeConfig, only: list[str] | None = None, force: boo
         key = manifest.stage_key(name, config, stage.config_keys, _inputs(name, iteration, keys))
         keys[(name, iteration)] = key
         where = ctx.path(name)
-        previous = manifest.read(where)
+        previous = manifest.read(where, run_dir)
         selected = only is None or name in only
         if previous is not None and previous.get("key") == key and not (force and selected):
             print(f"[stepwise] {title}: up to date, skipped", flush=True)
@@ -87,7 +87,7 @@ def run_pipeline(config: RecipeConfig, only: list[str] | None = None, force: boo
         print(f"[stepwise] {title}: running", flush=True)
         began = time.perf_counter()
         summary = stage.run(ctx) or {}
-        manifest.write(where, name, key, summary, time.perf_counter() - began)
+        manifest.write(where, run_dir, name, key, summary, time.perf_counter() - began)
         ctx.summaries[where] = summary
         print(f"[stepwise] {title}: done in {time.perf_counter() - began:.1f}s", flush=True)
     return root

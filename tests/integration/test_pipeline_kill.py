@@ -1,8 +1,9 @@
 """Stage idempotence (issue 7, item 7): the smoke pipeline killed with SIGKILL at a random point of a
 random stage, then run again, ends with the same final outputs, byte for byte, as an uninterrupted run.
 
-Three cases pick three different stages (one seeded draw) and a random delay inside each; each kill takes the whole process group (torchrun and its
-workers too), as a node failure would. A killed stage has no manifest, so the re-run redoes it,
+Three cases pick three different stages (one seeded draw) and a random delay inside each; each kill takes the whole process group (the pipeline and
+torchrun; the workers, in sessions of their own, follow through their parent-death signal, and the test
+checks that none survives), as a node failure would. A killed stage has no manifest, so the re-run redoes it,
 resuming from what it left (sampling shards, training checkpoints) and skipping finished stages."""
 from __future__ import annotations
 
@@ -62,6 +63,24 @@ def kill_during(run_dir: Path, stage: str, delay: float) -> str:
     return log.read_text()
 
 
+def survivors(run_dir: Path, wait: float = 30.0) -> list[str]:
+    """Command lines of processes still working on `run_dir` after `wait` seconds (torchrun's workers
+    live in sessions of their own: only their parent-death signal takes them down with the pipeline)."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(run_dir) in text:
+                found.append(text)
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> tuple[dict[str, str], dict[str, float]]:
     """The uninterrupted run's fingerprint and each stage's duration (from its manifest)."""
@@ -81,6 +100,7 @@ def test_killed_at_a_random_stage_and_rerun_gives_the_same_outputs(uninterrupted
     log = kill_during(run_dir, stage, delay)
     progress = [line for line in log.splitlines() if line.startswith("[stepwise] ")]
     assert progress[-1] == f"[stepwise] {stage}: running", f"not killed inside {stage}: {progress[-3:]}"
+    assert not survivors(run_dir), f"workers outlived the killed pipeline: {survivors(run_dir, 0)}"
     rerun = stepwise("run", RECIPE, f"run.dir={run_dir}")
     assert "up to date, skipped" in rerun.stdout, rerun.stdout[-2000:]
     assert fingerprint(run_dir) == expected, f"killed in {stage} after {delay:.2f}s:\n{log[-2000:]}"

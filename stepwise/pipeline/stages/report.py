@@ -76,7 +76,7 @@ def write_report(ctx: StageContext) -> dict:
     for name, iteration in stage_plan(ctx.config):
         if name == "report":
             continue
-        found = manifest.read(ctx.at(iteration).path(name)) or {}
+        found = manifest.read(ctx.at(iteration).path(name), ctx.run_dir) or {}
         stages[label(name, iteration)] = found.get("summary", {})
         seconds[label(name, iteration)] = found.get("seconds", 0.0)
     report = {"run": ctx.config.run.name, "run_dir": str(ctx.run_dir), "stages": stages, "seconds": seconds}
