@@ -102,12 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ids = _input_ids(args.hf, args.prompt, arch_from_hf(args.hf).vocab_size)
     if args.logits_out:  # inside torchrun
-        from stepwise.parallel.runtime import shutdown
-
         logits = megatron_logits(args.megatron, ids, args.tp, args.pp)
         if logits is not None:
             torch.save(logits, args.logits_out)
-        shutdown()
         return 0
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -86,10 +86,10 @@ def exit_with_launcher() -> None:
 
 def init_distributed(timeout_minutes: int = 30) -> tuple[int, int, int]:
     """Start the default process group once per process; returns (rank, world, local_rank)."""
-    exit_with_launcher()
     rank, world_size, local_rank = launch_env()
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), local_rank
+    exit_with_launcher()
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())

@@ -7,7 +7,6 @@ import sys
 import torch
 
 from stepwise.convert.compare import megatron_logits
-from stepwise.parallel.runtime import shutdown
 
 if __name__ == "__main__":
     ckpt, out, tp, pp, vocab = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -15,4 +14,3 @@ if __name__ == "__main__":
     logits = megatron_logits(ckpt, ids, tp, pp)
     if logits is not None:
         torch.save(logits, out)
-    shutdown()

@@ -100,7 +100,8 @@ def test_killed_at_a_random_stage_and_rerun_gives_the_same_outputs(uninterrupted
     log = kill_during(run_dir, stage, delay)
     progress = [line for line in log.splitlines() if line.startswith("[stepwise] ")]
     assert progress[-1] == f"[stepwise] {stage}: running", f"not killed inside {stage}: {progress[-3:]}"
-    assert not survivors(run_dir), f"workers outlived the killed pipeline: {survivors(run_dir, 0)}"
+    leftover = survivors(run_dir)
+    assert not leftover, f"workers outlived the killed pipeline: {leftover}"
     rerun = stepwise("run", RECIPE, f"run.dir={run_dir}")
     assert "up to date, skipped" in rerun.stdout, rerun.stdout[-2000:]
     assert fingerprint(run_dir) == expected, f"killed in {stage} after {delay:.2f}s:\n{log[-2000:]}"
