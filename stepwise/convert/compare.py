@@ -75,10 +75,12 @@ def hf_logits(hf_dir: str | Path, input_ids: torch.Tensor, dtype: torch.dtype = 
 
 
 def parity(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
-    """max / mean absolute logit difference and the fraction of positions with the same argmax."""
+    """max / mean absolute logit difference and the fraction of positions with the same argmax, with
+    the reference's scale (largest |logit|) and sequence length, which a tolerance is relative to."""
     diff = (reference - candidate).abs()
     return {"max_abs_logit_diff": diff.max().item(), "mean_abs_logit_diff": diff.mean().item(),
-            "top1_agreement": (reference.argmax(-1) == candidate.argmax(-1)).float().mean().item()}
+            "top1_agreement": (reference.argmax(-1) == candidate.argmax(-1)).float().mean().item(),
+            "max_abs_logit": reference.abs().max().item(), "tokens": reference.shape[-2]}
 
 
 def _input_ids(hf_dir: str, prompt: str | None, vocab_size: int) -> torch.Tensor:

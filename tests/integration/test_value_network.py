@@ -12,6 +12,7 @@ from stepwise.checkpoint import layout
 from stepwise.convert.dist_io import stored_tensors
 from tests.conftest import run_python, run_torchrun
 from tests.integration._grad_worker import NETWORK, TINY, VALUE_TINY
+from tests.tolerance import gradient_bound, within
 
 WORKER = Path(__file__).with_name("_pipeline_value_worker.py")
 
@@ -24,7 +25,8 @@ def test_pp2_equals_pp1_with_a_value_network_and_with_a_value_head(tmp_path):
     assert pp1.keys() == pp2.keys() == {"dqo" + NETWORK, "dqo"}
     for case in pp1:
         for name, value in pp1[case].items():
-            assert pp2[case][name] == pytest.approx(value, rel=1e-5, abs=1e-6), f"{case} {name}"
+            # the same sums split over two pipeline stages: fp32 order only (tests/tolerance.py)
+            within(f"{case} {name} PP2 vs PP1", abs(pp2[case][name] - value), gradient_bound(abs(value), TINY, 4 * 32))
         assert pp1[case]["grad_norm"] > 0 and pp1[case]["value_loss_sum"] > 0
     assert pp1["dqo" + NETWORK]["value_loss_sum"] != pp1["dqo"]["value_loss_sum"]  # two different value models
 

@@ -12,10 +12,11 @@ from stepwise.models.critic import build_critic_model, is_head_key
 from stepwise.models.hf_config import arch_from_hf_dict
 from stepwise.parallel.runtime import init_parallel
 from stepwise.train.value_data import ValueBatches, tokenize_states
+from tests.tolerance import output_bound, within
 
-ARCH = arch_from_hf_dict(dict(model_type="qwen2", vocab_size=40, hidden_size=32, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                              tie_word_embeddings=True, initializer_range=0.2))
+HF_CONFIG = dict(model_type="qwen2", vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True, initializer_range=0.2)
+ARCH = arch_from_hf_dict(HF_CONFIG)
 
 
 class CharTokenizer:
@@ -42,7 +43,9 @@ def test_one_forward_per_solution_equals_one_forward_per_state(critic):
         for position in sequence["positions"]:
             prefix = ids[:, : position + 1]
             alone = critic(prefix, torch.arange(prefix.shape[1])[None], None)[0, -1, 0]
-            assert abs(alone.item() - full[position].item()) < 1e-5
+            # the prefix alone sums attention over fewer (masked-out) keys: summation order only
+            within(f"state at {position} alone vs in the solution", abs(alone.item() - full[position].item()),
+                   output_bound(float(full.abs().max()), HF_CONFIG, ids.shape[1]))
     assert len(sequence["positions"]) == 3 and sequence["positions"][0] == len(record["prompt"]) - 1
 
 
