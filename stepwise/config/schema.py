@@ -192,6 +192,19 @@ class SamplingConfig:
     batch_size: int = 64
     shard_size: int = 256
     params: SamplingParams = field(default_factory=SamplingParams)  # n, temperature, top_p, top_k, max_tokens, seed, stop
+    # vllm: GPUs per sampler (its tensor-parallel group), the fraction of each GPU vLLM may take (weights,
+    # activations, then the KV cache from what is left) and the most sequences it decodes at once
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+
+    def __post_init__(self) -> None:
+        for key in ("tensor_parallel_size", "max_num_seqs"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"sampling.{key}={value!r} must be an integer >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"sampling.gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
 
 
 @dataclass
