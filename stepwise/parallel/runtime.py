@@ -53,9 +53,9 @@ class Layout:
         return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("", 0))  # every interface: srun workers on other nodes dial this node's address
         return sock.getsockname()[1]
 
 
@@ -97,7 +97,7 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int, int]:
         cpu_shim.install()
     if world_size == 1 and "RANK" not in os.environ:  # alone and not launched: a fresh local port, never
         os.environ["MASTER_ADDR"] = "127.0.0.1"  # one inherited from a parent's process group
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     dist.init_process_group(
         backend="nccl" if use_cuda else "gloo",
         init_method="env://",

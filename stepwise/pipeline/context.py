@@ -30,6 +30,9 @@ class StageContext:
     run_dir: Path
     iteration: int = 1
     summaries: dict[Path, dict] = field(default_factory=dict)  # finished stages' manifest summaries, by dir
+    rank: int = 0  # inside a launched step (stepwise.pipeline.step): this worker's place; the driver is 0 of 1
+    world_size: int = 1
+    local_rank: int = 0
 
     def at(self, iteration: int) -> "StageContext":
         """The same run seen from another iteration (summaries shared)."""
@@ -46,6 +49,16 @@ class StageContext:
     @property
     def resolved_recipe(self) -> Path:
         return self.run_dir / RESOLVED_RECIPE
+
+    def barrier(self) -> None:
+        """Wait for every worker of the step (a gloo/NCCL group from the launcher's rendezvous)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            from stepwise.parallel.runtime import init_distributed
+
+            init_distributed()
+            dist.barrier()
 
     def summary(self, stage: str) -> dict:
         path = self.path(stage)

@@ -76,7 +76,8 @@ def sample_to_shards(sampler: Sampler, records: list[dict], prompt_key: str, par
     total = sum(len(records[start:start + shard_size]) for _, start in mine)
     pending = sum(len(records[start:start + shard_size]) for _, start in todo)
     started, prompts_done, tokens_done = time.monotonic(), 0, 0
-    with tqdm(total=total, initial=total - pending, desc=desc, unit="prompt", dynamic_ncols=True) as bar:
+    with tqdm(total=total, initial=total - pending, desc=desc, unit="prompt", dynamic_ncols=True,
+              disable=rank != 0) as bar:  # one bar: rank 0 shows its share
         for index, start in todo:
             chunk = records[start:start + shard_size]
             results = sampler.generate([record[prompt_key] for record in chunk], params)

@@ -22,7 +22,7 @@ from stepwise.config.schema import ParallelConfig
 from stepwise.pipeline.launch import launch
 from stepwise.train.guard import Requeue
 try:
-    launch(ParallelConfig(nproc_per_node=2), "tests.integration._fault_worker", [sys.argv[1], "1000", "launch"])
+    launch(ParallelConfig(nproc_per_node=2), "tests.integration._fault_worker", [sys.argv[1], "1000", "launch"], sys.argv[1])
 except Requeue as stop:
     print("REQUEUE:", stop, flush=True)
     sys.exit(stop.code)

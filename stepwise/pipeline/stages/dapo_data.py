@@ -10,7 +10,8 @@ from stepwise.data.jsonl import read_jsonl, write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.model import acting_policy
-from stepwise.pipeline.stages.sampling import grade_records
+from stepwise.pipeline.stages.sampling import grade_records, sample_shards
+from stepwise.pipeline.step import in_step, replicas
 
 
 def state_id(text: str) -> str:
@@ -27,6 +28,10 @@ def balanced_pick(correct: list, wrong: list, k: int, rng: random.Random) -> lis
 
 @stage("select", depends=("grade",), config_keys=("skywork_dapo.select_k", "run.seed"), iterative=True)
 def select(ctx: StageContext) -> dict:
+    return in_step(ctx, select_balanced)
+
+
+def select_balanced(ctx: StageContext) -> dict:
     by_problem: dict[str, list[dict]] = {}
     for record in read_jsonl(ctx.path("grade") / "graded.jsonl"):
         by_problem.setdefault(record["id"], []).append(record)
@@ -46,6 +51,10 @@ def split_steps(response: str, separator: str) -> list[str]:
 
 @stage("segment", depends=("select",), config_keys=("skywork_dapo.separator",), iterative=True)
 def segment(ctx: StageContext) -> dict:
+    return in_step(ctx, segment_solutions)
+
+
+def segment_solutions(ctx: StageContext) -> dict:
     separator = ctx.config.skywork_dapo.separator
     states: dict[str, dict] = {}
     solutions = []
@@ -69,15 +78,21 @@ def segment(ctx: StageContext) -> dict:
        config_keys=("skywork_dapo.completions", "skywork_dapo.completion_temperature", "skywork_dapo.completer",
                     "sampling", "task.name"), iterative=True)
 def complete(ctx: StageContext) -> dict:
-    from stepwise.sampling import make_sampler, read_shards, sample_to_shards
+    return in_step(ctx, complete_states, replicas(ctx))
+
+
+def complete_states(ctx: StageContext) -> dict | None:
+    """(In a launched step.) Every replica rolls out its share of the states' shards; rank 0 grades."""
+    from stepwise.sampling import read_shards
 
     config, dapo = ctx.config, ctx.config.skywork_dapo
     states = read_jsonl(ctx.path("segment") / "states.jsonl")
     params = replace(config.sampling.params, n=dapo.completions, temperature=dapo.completion_temperature)
-    sampler = make_sampler(config.sampling.backend, acting_policy(ctx, "completer")[1], batch_size=config.sampling.batch_size)
-    sample_to_shards(sampler, states, "prompt", params, ctx.dir("complete") / "shards",
-                     shard_size=config.sampling.shard_size, desc="complete")
-    sampler.close()
+    sample_shards(ctx, acting_policy(ctx, "completer")[1], states, "prompt", params, ctx.dir("complete") / "shards",
+                  config.sampling.shard_size, config.sampling.batch_size, "complete")
+    ctx.barrier()
+    if ctx.rank != 0:
+        return None
     graded = grade_records(config.task.name, read_shards(ctx.path("complete") / "shards"))
     write_jsonl(ctx.dir("complete") / "completions.jsonl", graded)
     outcomes: dict[str, list[bool]] = {}

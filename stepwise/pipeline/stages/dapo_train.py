@@ -13,7 +13,7 @@ from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.launch import launch
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.dapo_data import split_steps
-from stepwise.pipeline.stages.model import base_policy, last_metrics, reference_policy, section_tokenizer, train_section
+from stepwise.pipeline.stages.model import base_policy, export_checkpoint, last_metrics, reference_policy, section_tokenizer, train_section
 from stepwise.pipeline.stages.sampling import greedy_accuracy
 
 CALIBRATION_BINS = 5
@@ -37,7 +37,7 @@ def score(ctx: StageContext, checkpoint: str | Path, kind: str, records: list[di
     launch(ctx.config.layout_for(section), "stepwise.train.score",
            ["--recipe", str(ctx.resolved_recipe), "--ckpt", str(checkpoint), "--kind", kind, "--data", str(data),
             "--tokenizer", section_tokenizer(ctx, section), "--out", str(out), "--section", section,
-            "--micro-batch-size", str(train.score_micro_batch_size or train.micro_batch_size)])
+            "--micro-batch-size", str(train.score_micro_batch_size or train.micro_batch_size)], ctx.run_dir)
     return read_scores(out)
 
 
@@ -155,10 +155,8 @@ def policy(ctx: StageContext) -> dict:
 
 
 def export_and_evaluate(ctx: StageContext, stage_name: str, checkpoints: str, name: str) -> dict:
-    from stepwise.convert.megatron_to_hf import convert_megatron_to_hf
-
     out = ctx.dir(stage_name) / name
-    convert_megatron_to_hf(checkpoints, out)
+    export_checkpoint(ctx, checkpoints, out)
     return {"policy": str(out), name: greedy_accuracy(ctx, str(out), name, stage_name)}
 
 

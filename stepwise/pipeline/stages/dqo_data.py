@@ -34,7 +34,8 @@ from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.data import tokenizer_dir
 from stepwise.pipeline.stages.dqo_process import sample_key, segment_token_rewards
 from stepwise.pipeline.stages.model import base_policy
-from stepwise.pipeline.stages.sampling import grade_records
+from stepwise.pipeline.stages.sampling import grade_records, sample_shards
+from stepwise.pipeline.step import in_step, replicas
 
 SHARD_ONLY = ("token_ids", "token_logprobs", "solution")
 DATASETS = {"dqo": "trajectories.jsonl", "dro": "trajectories.jsonl", "kto": "labelled.jsonl",
@@ -45,14 +46,22 @@ DATASETS = {"dqo": "trajectories.jsonl", "dro": "trajectories.jsonl", "kto": "la
        config_keys=("dqo_data.n_problems", "dqo_data.params", "sampling.backend", "sampling.batch_size",
                     "sampling.shard_size", "task.name"))
 def dqo_sample(ctx: StageContext) -> dict:
-    from stepwise.sampling import make_sampler, sample_to_shards
+    return in_step(ctx, sample_and_grade, replicas(ctx))
+
+
+def sample_and_grade(ctx: StageContext) -> dict | None:
+    """(In a launched step.) The replicas sample their shares of the shards; rank 0 grades them all."""
+    from stepwise.sampling.shards import shard_path
 
     config, data = ctx.config, ctx.config.dqo_data
     chosen = read_jsonl(ctx.path("data") / "train.jsonl")[: data.n_problems or None]
-    sampler = make_sampler(config.sampling.backend, base_policy(ctx)[1], batch_size=config.sampling.batch_size)
-    shards = sample_to_shards(sampler, chosen, "problem", data.params, ctx.dir("dqo_sample") / "shards",
-                              shard_size=config.sampling.shard_size, desc="dqo_sample")
-    sampler.close()
+    out = ctx.dir("dqo_sample") / "shards"
+    sample_shards(ctx, base_policy(ctx)[1], chosen, "problem", data.params, out, config.sampling.shard_size,
+                  config.sampling.batch_size, "dqo_sample")
+    ctx.barrier()
+    if ctx.rank != 0:
+        return None
+    shards = [shard_path(out, index) for index in range(-(-len(chosen) // config.sampling.shard_size))]
     graded = []  # without the per-token sampler fields (they stay in the shards) or the gold solution
     for shard in shards:
         rows = [{k: v for k, v in r.items() if k not in SHARD_ONLY} for r in read_jsonl(shard)]

@@ -31,6 +31,7 @@ from stepwise.data.jsonl import read_jsonl, write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.model import base_policy
+from stepwise.pipeline.step import in_step
 
 
 def sample_key(prompt: str, response: str) -> str:
@@ -158,6 +159,11 @@ def _run_search(ctx: StageContext, failed: dict[str, dict]) -> tuple[dict[str, i
 def dqo_process(ctx: StageContext) -> dict:
     """Per unique (prompt, response) of `dqo_sample`: its segments and their process rewards (off:
     nothing is written and `dqo_datasets` uses outcome rewards only)."""
+    return in_step(ctx, score_processes)
+
+
+def score_processes(ctx: StageContext) -> dict:
+    """(In a launched step, one worker.) The prefix search of `dqo_process`."""
     data = ctx.config.dqo_data
     if not data.process_scores:
         return {"enabled": False}

@@ -15,7 +15,8 @@ from dataclasses import replace
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.dqo_data import DATASETS
-from stepwise.pipeline.stages.model import base_policy, last_metrics, train_section
+from stepwise.pipeline.stages.model import base_policy, export_checkpoint, last_metrics, train_section
+from stepwise.pipeline.step import in_step
 
 METHODS = ("sft_baseline", "rs_baseline", "dpo", "kto", "dro", "dqo")  # the paper's table order
 EVAL_KEYS = ("eval", "dqo_data.eval_seeds", "dqo_data.params", "sampling.backend", "task.name")
@@ -32,14 +33,19 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def sampled_accuracy(ctx: StageContext, model_dir: str, name: str, stage_name: str) -> dict | None:
     """Accuracy of one sampled response per test problem, per seed; None when eval_seeds is 0."""
+    if not ctx.config.dqo_data.eval_seeds:
+        return None
+    return in_step(ctx, evaluate_sampled, model_dir=model_dir, name=name, stage_name=stage_name)
+
+
+def evaluate_sampled(ctx: StageContext, model_dir: str, name: str, stage_name: str) -> dict:
+    """(In a launched step, one worker.) The per-seed sampled accuracies of `sampled_accuracy`."""
     from stepwise.data.jsonl import write_jsonl
     from stepwise.pipeline.stages.data import problems
     from stepwise.pipeline.stages.sampling import grade_records
     from stepwise.sampling import make_sampler, read_shards, sample_to_shards
 
     config, data = ctx.config, ctx.config.dqo_data
-    if not data.eval_seeds:
-        return None
     test = problems(ctx, "test")[: config.eval.n_problems]
     sampler = make_sampler(config.sampling.backend, model_dir, batch_size=config.eval.batch_size)
     accuracies = []
@@ -78,10 +84,8 @@ def train_method(ctx: StageContext, method: str) -> dict:
     if method in VALUE_KEYS:  # which V_phi it trained (the report names it); a separate one is exported too
         summary["value_model"] = ctx.config.dqo_data.value_model
         if summary["value_model"] == "separate":
-            from stepwise.convert.megatron_to_hf import convert_megatron_to_hf
-
             value_dir = ctx.dir(method) / "value_network"
-            convert_megatron_to_hf(checkpoints, value_dir, part="value_network", progress=False)
+            export_checkpoint(ctx, checkpoints, value_dir, part="value_network", progress=False)
             summary["value_network"] = str(value_dir)
     sampled = sampled_accuracy(ctx, summary["policy"], method, method)
     return {**summary, "sampled": sampled} if sampled else summary

@@ -7,6 +7,7 @@ from stepwise import losses
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.launch import launch
 from stepwise.pipeline.registry import stage
+from stepwise.pipeline.step import in_step
 from stepwise.pipeline.stages.data import tokenizer_dir
 
 
@@ -14,6 +15,13 @@ from stepwise.pipeline.stages.data import tokenizer_dir
        config_keys=("model.path", "model.hf_config", "model.dtype", "run.seed", "skywork_dapo.critic_init",
                     "dqo_data.value_init"))
 def init_model(ctx: StageContext) -> dict:
+    return in_step(ctx, convert_starting_models)
+
+
+def convert_starting_models(ctx: StageContext) -> dict:
+    """(In a launched step.) The starting models as megatron checkpoints: pi0's (from `model.path`, or
+    randomly initialised from `model.hf_config`) and the critic's / value network's when they start
+    from other models."""
     from stepwise.convert.hf_to_megatron import convert_hf_to_megatron
     from stepwise.models.init import random_hf_model
     from stepwise.tasks.tokenizer import load_tokenizer
@@ -50,7 +58,7 @@ def train_section(ctx: StageContext, section: str, data: Path, init: str | Path,
         args += ["--max-steps", str(max_steps)]
     if ctx.config.dqo_data.value_init and losses.get(getattr(ctx.config, section).loss).model_kind == "policy_value":
         args += ["--value-init", ctx.summary("init")["value"]]
-    launch(ctx.config.layout_for(section), "stepwise.train.worker", args)
+    launch(ctx.config.layout_for(section), "stepwise.train.worker", args, ctx.run_dir)
     return out
 
 
@@ -93,8 +101,17 @@ def sft(ctx: StageContext) -> dict:
 
 @stage("export", depends=("sft",), config_keys=())
 def export(ctx: StageContext) -> dict:
+    out = ctx.dir("export") / "policy"
+    export_checkpoint(ctx, ctx.summary("sft")["checkpoints"], out)
+    return {"policy": str(out)}
+
+
+def export_checkpoint(ctx: StageContext, checkpoints: str | Path, out: str | Path, **options) -> None:
+    """Megatron checkpoint -> HF directory, in a launched step (options: `megatron_to_hf`'s)."""
+    in_step(ctx, convert_to_hf, checkpoints=str(checkpoints), out=str(out), **options)
+
+
+def convert_to_hf(ctx: StageContext, checkpoints: str, out: str, **options) -> dict:
     from stepwise.convert.megatron_to_hf import convert_megatron_to_hf
 
-    out = ctx.dir("export") / "policy"
-    convert_megatron_to_hf(ctx.summary("sft")["checkpoints"], out)
-    return {"policy": str(out)}
+    return convert_megatron_to_hf(checkpoints, out, **options)

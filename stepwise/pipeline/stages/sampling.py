@@ -2,17 +2,36 @@
 accuracy on held-out problems)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from stepwise.data.jsonl import write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.data import problems
 from stepwise.pipeline.stages.model import acting_policy, base_policy
+from stepwise.pipeline.step import in_step, replicas
 
 
-def _sampler(ctx: StageContext, model_dir: str, batch_size: int):
+def make_replica(ctx: StageContext, model_dir: str, batch_size: int):
+    """This worker's sampler replica (inside a launched step): on its own GPU when there is one."""
+    import torch
+
     from stepwise.sampling import make_sampler
 
-    return make_sampler(ctx.config.sampling.backend, model_dir, batch_size=batch_size)
+    device = f"cuda:{ctx.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    return make_sampler(ctx.config.sampling.backend, model_dir, batch_size=batch_size, device=device)
+
+
+def sample_shards(ctx: StageContext, model_dir: str, records: list[dict], prompt_key: str, params, out: Path,
+                  shard_size: int, batch_size: int, desc: str) -> None:
+    """(In a launched step.) This worker's share of the shards: those with index % world_size == rank.
+    The seeding contract of `sampling.base` makes the shards independent of the number of replicas."""
+    from stepwise.sampling import sample_to_shards
+
+    sampler = make_replica(ctx, model_dir, batch_size)
+    sample_to_shards(sampler, records, prompt_key, params, out, shard_size=shard_size, desc=desc,
+                     rank=ctx.rank, world_size=ctx.world_size)
+    sampler.close()
 
 
 def grade_records(task: str, records: list[dict]) -> list[dict]:
@@ -24,20 +43,25 @@ def grade_records(task: str, records: list[dict]) -> list[dict]:
 @stage("sample", depends=("export", "init", "data"), config_keys=("sampling", "run.seed", "skywork_dapo.generator"),
        iterative=True)
 def sample(ctx: StageContext) -> dict:
-    from stepwise.sampling import sample_to_shards
+    return in_step(ctx, sample_problems, replicas(ctx))
 
+
+def sample_problems(ctx: StageContext) -> dict:
     config = ctx.config.sampling
     chosen = problems(ctx, "train")[: config.n_problems]
-    params = config.params
-    sampler = _sampler(ctx, acting_policy(ctx, "generator")[1], config.batch_size)
-    shards = sample_to_shards(sampler, chosen, "problem", params, ctx.dir("sample") / "shards",
-                              shard_size=config.shard_size, desc="sample")
-    sampler.close()
-    return {"problems": len(chosen), "samples_per_problem": params.n, "shards": len(shards)}
+    out = ctx.dir("sample") / "shards"
+    sample_shards(ctx, acting_policy(ctx, "generator")[1], chosen, "problem", config.params, out,
+                  config.shard_size, config.batch_size, "sample")
+    return {"problems": len(chosen), "samples_per_problem": config.params.n,
+            "shards": -(-len(chosen) // config.shard_size)}
 
 
 @stage("grade", depends=("sample",), config_keys=("task.name",), iterative=True)
 def grade_samples(ctx: StageContext) -> dict:
+    return in_step(ctx, grade_sample_shards)
+
+
+def grade_sample_shards(ctx: StageContext) -> dict:
     from stepwise.sampling import read_shards
 
     graded = grade_records(ctx.config.task.name, read_shards(ctx.path("sample") / "shards"))
@@ -54,17 +78,23 @@ def grade_samples(ctx: StageContext) -> dict:
 
 
 def greedy_accuracy(ctx: StageContext, model_dir: str, name: str, stage_name: str = "eval") -> dict:
-    """Greedy (temperature 0) accuracy of `model_dir` on the first eval.n_problems test problems; the
-    generations go to the directory of `stage_name` (the calling stage)."""
-    from stepwise.sampling import SamplingParams, read_shards, sample_to_shards
+    """Greedy (temperature 0) accuracy of `model_dir` on the first eval.n_problems test problems, on
+    the sampling replicas; the generations go to the directory of `stage_name` (the calling stage)."""
+    return in_step(ctx, evaluate_greedily, replicas(ctx), model_dir=model_dir, name=name, stage_name=stage_name)
+
+
+def evaluate_greedily(ctx: StageContext, model_dir: str, name: str, stage_name: str) -> dict | None:
+    from stepwise.sampling import SamplingParams, read_shards
 
     config = ctx.config.eval
     test = problems(ctx, "test")[: config.n_problems]
     params = SamplingParams(n=1, temperature=0.0, max_tokens=config.max_tokens, seed=0)
-    sampler = _sampler(ctx, model_dir, config.batch_size)
     out = ctx.dir(stage_name) / f"{name}.generations"
-    sample_to_shards(sampler, test, "problem", params, out, shard_size=len(test), desc=f"eval {name}")
-    sampler.close()
+    sample_shards(ctx, model_dir, test, "problem", params, out, ctx.config.sampling.shard_size, config.batch_size,
+                  f"eval {name}")
+    ctx.barrier()
+    if ctx.rank != 0:
+        return None
     graded = grade_records(ctx.config.task.name, read_shards(out))
     write_jsonl(ctx.dir(stage_name) / f"{name}.graded.jsonl", graded)
     correct = sum(r["correct"] for r in graded)
