@@ -66,8 +66,9 @@ def _resolve(name: str) -> Callable:
 def run_request(request_path: str | os.PathLike) -> None:
     """A worker's side of `in_step`."""
     from stepwise.config.loader import load_resolved
-    from stepwise.parallel.runtime import launch_env
+    from stepwise.parallel.runtime import exit_with_launcher, launch_env
 
+    exit_with_launcher()  # a torchrun worker dies with its agent, even before it joins a process group
     request = json.loads(Path(request_path).read_text())
     run_dir = Path(request["run_dir"])
     config = load_resolved((run_dir / RESOLVED_RECIPE).read_text())
