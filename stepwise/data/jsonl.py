@@ -5,11 +5,13 @@ same directory, is fsynced and renamed into place, so a crash never leaves a hal
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
 
 class DataError(ValueError):
@@ -29,14 +31,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so readers see either the old file or the whole new one."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary handle whose bytes replace `path` whole when the block ends (nothing on an error)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -45,6 +48,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so readers see either the old file or the whole new one."""
+    with atomic_output(path) as handle:
+        handle.write(data)
+
+
+def atomic_concat(sources: Iterable[str | os.PathLike], path: str | os.PathLike) -> None:
+    """`path` atomically becomes the concatenation of `sources`, streamed (never whole in memory)."""
+    with atomic_output(path) as handle:
+        for source in sources:
+            with open(source, "rb") as part:
+                shutil.copyfileobj(part, handle, 1 << 20)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -6,11 +6,11 @@ import hashlib
 import random
 from dataclasses import replace
 
-from stepwise.data.jsonl import read_jsonl, write_jsonl
+from stepwise.data.jsonl import atomic_concat, iter_jsonl, read_jsonl, write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.model import acting_policy
-from stepwise.pipeline.stages.sampling import grade_records, sample_shards
+from stepwise.pipeline.stages.sampling import grade_shard, grading_pool, sample_shards
 from stepwise.pipeline.step import in_step, replicas
 
 
@@ -83,22 +83,26 @@ def complete(ctx: StageContext) -> dict:
 
 def complete_states(ctx: StageContext) -> dict | None:
     """(In a launched step.) Every replica rolls out its share of the states' shards; rank 0 grades."""
-    from stepwise.sampling import read_shards
-
     config, dapo = ctx.config, ctx.config.skywork_dapo
     states = read_jsonl(ctx.path("segment") / "states.jsonl")
     params = replace(config.sampling.params, n=dapo.completions, temperature=dapo.completion_temperature)
-    sample_shards(ctx, acting_policy(ctx, "completer")[1], states, "prompt", params, ctx.dir("complete") / "shards",
-                  config.sampling.shard_size, config.sampling.batch_size, "complete")
+    mine = sample_shards(ctx, acting_policy(ctx, "completer")[1], states, "prompt", params,
+                         ctx.dir("complete") / "shards", config.sampling.shard_size, config.sampling.batch_size,
+                         "complete")
+    graded_dir = ctx.dir("complete") / "graded"
+    with grading_pool(ctx) as pool:
+        for shard in mine:
+            if not (graded_dir / shard.name).exists():
+                grade_shard(config.task.name, shard, graded_dir / shard.name, pool)
     ctx.barrier()
     if ctx.rank != 0:
         return None
-    graded = grade_records(config.task.name, read_shards(ctx.path("complete") / "shards"))
-    write_jsonl(ctx.dir("complete") / "completions.jsonl", graded)
+    shards = sorted(graded_dir.glob("shard_*.jsonl"))
+    atomic_concat(shards, ctx.path("complete") / "completions.jsonl")
     outcomes: dict[str, list[bool]] = {}
-    for record in graded:
+    for record in iter_jsonl(ctx.path("complete") / "completions.jsonl"):
         outcomes.setdefault(record["state_id"], []).append(record["correct"])
     values = [{"state_id": k, "mc": sum(v) / len(v), "n": len(v)} for k, v in outcomes.items()]
     write_jsonl(ctx.dir("complete") / "mc.jsonl", values)
-    return {"states": len(values), "completions": len(graded),
+    return {"states": len(values), "completions": sum(len(v) for v in outcomes.values()),
             "mean_mc": sum(v["mc"] for v in values) / max(1, len(values))}

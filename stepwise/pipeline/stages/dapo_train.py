@@ -5,40 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
-from pathlib import Path
 
 from stepwise.data.jsonl import read_jsonl, write_jsonl
 from stepwise.pipeline.context import StageContext
-from stepwise.pipeline.launch import launch
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.dapo_data import split_steps
-from stepwise.pipeline.stages.model import base_policy, export_checkpoint, last_metrics, reference_policy, section_tokenizer, train_section
+from stepwise.pipeline.stages.model import base_policy, export_checkpoint, last_metrics, reference_policy, train_section
 from stepwise.pipeline.stages.sampling import greedy_accuracy
+from stepwise.pipeline.stages.scoring import score_file, scores_of
+from stepwise.pipeline.step import in_step
 
 CALIBRATION_BINS = 5
 
 
 def held_out(problem_id: str, fraction: float) -> bool:
     return int(hashlib.sha1(problem_id.encode()).hexdigest()[:8], 16) / 16**8 < fraction
-
-
-def score(ctx: StageContext, checkpoint: str | Path, kind: str, records: list[dict], name: str) -> list[dict]:
-    """Forward-only scores of `records` by the workers (see `stepwise.train.score`), at the layout, with
-    the tokenizer and at the scoring micro-batch size of the model's train section (critic or policy)."""
-    from stepwise.train.score import read_scores
-
-    out = ctx.dir(name.split("/")[0]) / (name.split("/")[-1] + "_scores")
-    shutil.rmtree(out, ignore_errors=True)
-    data = out.with_suffix(".jsonl")
-    write_jsonl(data, records)
-    section = "critic" if kind == "critic" else "policy"
-    train = getattr(ctx.config, section)
-    launch(ctx.config.layout_for(section), "stepwise.train.score",
-           ["--recipe", str(ctx.resolved_recipe), "--ckpt", str(checkpoint), "--kind", kind, "--data", str(data),
-            "--tokenizer", section_tokenizer(ctx, section), "--out", str(out), "--section", section,
-            "--micro-batch-size", str(train.score_micro_batch_size or train.micro_batch_size)], ctx.run_dir)
-    return read_scores(out)
 
 
 def _critic_records(ctx: StageContext, holdout: bool) -> list[dict]:
@@ -75,17 +56,33 @@ def critic_report(predicted: list[float], targets: list[float]) -> dict:
 @stage("critic", depends=("complete", "sft", "init"), config_keys=("critic", "model", "parallel", "skywork_dapo.critic_holdout"),
        iterative=True)
 def critic(ctx: StageContext) -> dict:
-    train = _critic_records(ctx, holdout=False)
-    write_jsonl(ctx.dir("critic") / "train.jsonl", train)
+    splits = [split for split, count in in_step(ctx, write_critic_splits).items() if count]
     init = ctx.summary("init").get("critic") or base_policy(ctx)[0]  # skywork_dapo.critic_init, else pi0's trunk
     checkpoints = train_section(ctx, "critic", ctx.path("critic") / "train.jsonl", init)
-    summary = {"checkpoints": str(checkpoints), "final": last_metrics(checkpoints)}
-    for split, records in (("train", train), ("held_out", _critic_records(ctx, holdout=True))):
-        if records:
-            scores = score(ctx, checkpoints, "critic", records, f"critic/{split}")
-            predicted = [v for row in scores for v in row["values"]]
-            summary[split] = critic_report(predicted, [v for r in records for v in r["mc"]])
-    return summary
+    for split in splits:
+        score_file(ctx, checkpoints, "critic", ctx.path("critic") / f"{split}.jsonl")
+    reports = in_step(ctx, report_critic_splits, splits=splits)
+    return {"checkpoints": str(checkpoints), "final": last_metrics(checkpoints), **reports}
+
+
+def write_critic_splits(ctx: StageContext) -> dict:
+    """(In a step.) critic/train.jsonl (the critic's training states) and critic/held_out.jsonl; their sizes."""
+    counts = {}
+    for split, holdout in (("train", False), ("held_out", True)):
+        records = _critic_records(ctx, holdout)
+        write_jsonl(ctx.dir("critic") / f"{split}.jsonl", records)
+        counts[split] = len(records)
+    return counts
+
+
+def report_critic_splits(ctx: StageContext, splits: list[str]) -> dict:
+    """(In a step.) `critic_report` of the trained critic's values on each scored split."""
+    reports = {}
+    for split in splits:
+        data = ctx.path("critic") / f"{split}.jsonl"
+        predicted = [v for row in scores_of(data) for v in row["values"]]
+        reports[split] = critic_report(predicted, [v for r in read_jsonl(data) for v in r["mc"]])
+    return reports
 
 
 def _actions_per_state(ctx: StageContext) -> dict[str, list[dict]]:
@@ -123,26 +120,55 @@ def state_advantages(actions: list[dict], min_gap: float) -> tuple[list[dict], f
 
 @stage("advantage", depends=("critic", "complete", "sft", "init"), config_keys=("skywork_dapo", "task.name"), iterative=True)
 def advantage(ctx: StageContext) -> dict:
-    from stepwise.tasks.grading import grade
+    """Next-state values by the critic, advantages and the gap filter, then pi_ref's log-probs of the
+    kept actions: two scoring launches between three steps that shape the data."""
+    if in_step(ctx, write_next_states)["next_states"]:
+        score_file(ctx, ctx.summary("critic")["checkpoints"], "critic", ctx.path("advantage") / "next.jsonl")
+    chosen = in_step(ctx, choose_actions)
+    if chosen["actions"]:
+        score_file(ctx, reference_policy(ctx)[0], "policy", ctx.path("advantage") / "kept.jsonl")
+    return {**chosen, **in_step(ctx, write_actions)}
 
+
+def write_next_states(ctx: StageContext) -> dict:
+    """(In a step.) advantage/per_state.jsonl (each state's sampled first steps) and advantage/next.jsonl
+    (the next states the critic values: those of actions that do not end the solution)."""
     per_state = _actions_per_state(ctx)
-    answers = {row["state_id"]: row["answer"] for row in read_jsonl(ctx.path("segment") / "states.jsonl")}
+    write_jsonl(ctx.dir("advantage") / "per_state.jsonl", [{"state_id": k, "actions": v} for k, v in per_state.items()])
     to_value = [{"prompt": a["prompt"] + a["action"], "steps": [], "mc": [0.0]}
                 for actions in per_state.values() for a in actions if not a["ends"]]
-    values = iter(row["values"][0] for row in score(ctx, ctx.summary("critic")["checkpoints"], "critic", to_value, "advantage/next"))
+    write_jsonl(ctx.path("advantage") / "next.jsonl", to_value)
+    return {"next_states": len(to_value)}
+
+
+def choose_actions(ctx: StageContext) -> dict:
+    """(In a step.) Values of next states (critic, or the graded reward of a final step), advantages, the
+    gap filter; the kept actions go to advantage/kept.jsonl."""
+    from stepwise.tasks.grading import grade
+
+    next_states = ctx.path("advantage") / "next.jsonl"
+    values = iter(row["values"][0] for row in (scores_of(next_states) if read_jsonl(next_states) else []))
+    answers = {row["state_id"]: row["answer"] for row in read_jsonl(ctx.path("segment") / "states.jsonl")}
     kept, gaps = [], []
-    for sid, actions in per_state.items():
+    for row in read_jsonl(ctx.path("advantage") / "per_state.jsonl"):
+        sid, actions = row["state_id"], row["actions"]
         assign_values(actions, values, lambda a: float(grade(ctx.config.task.name, a["step"], answers[sid])))
         chosen, gap = state_advantages(actions, ctx.config.skywork_dapo.advantage_gap)
         kept += chosen
         gaps.append(gap)
-    reference = score(ctx, reference_policy(ctx)[0], "policy",
-                      [{**a, "ref_logp": 0.0} for a in kept], "advantage/reference") if kept else []
+    write_jsonl(ctx.path("advantage") / "kept.jsonl", [{**a, "ref_logp": 0.0} for a in kept])
+    return {"states": len(gaps), "actions": len(kept), "mean_gap": sum(gaps) / max(1, len(gaps))}
+
+
+def write_actions(ctx: StageContext) -> dict:
+    """(In a step.) advantage/actions.jsonl: the kept actions with pi_ref's log-probs."""
+    kept_path = ctx.path("advantage") / "kept.jsonl"
+    kept = read_jsonl(kept_path)
+    reference = scores_of(kept_path) if kept else []
     rows = [{"state_id": a["state_id"], "prompt": a["prompt"], "action": a["action"], "ends": a["ends"],
              "advantage": a["advantage"], "ref_logp": r["logp"]} for a, r in zip(kept, reference)]
     write_jsonl(ctx.dir("advantage") / "actions.jsonl", rows)
-    return {"states": len(per_state), "states_kept": len({r["state_id"] for r in rows}), "actions": len(rows),
-            "mean_gap": sum(gaps) / max(1, len(gaps)),
+    return {"states_kept": len({r["state_id"] for r in rows}), "actions": len(rows),
             "positive_actions": sum(r["advantage"] > 0 for r in rows)}
 
 

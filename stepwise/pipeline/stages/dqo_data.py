@@ -141,16 +141,41 @@ def _process_rows(ctx: StageContext) -> dict[str, dict]:
        config_keys=("dqo_data.process_scores", "dqo_data.dpo_pair_ratio", "model.max_seq_len", "parallel",
                     "run.seed"))
 def dqo_datasets(ctx: StageContext) -> dict:
-    from stepwise.pipeline.stages.dapo_train import score
+    """pi0's per-token log-probs of every unique response (one scoring launch between two steps), then
+    every method's data set."""
+    from stepwise.pipeline.stages.scoring import score_file
+
+    if in_step(ctx, write_unique_responses)["unique_responses"]:
+        score_file(ctx, base_policy(ctx)[0], "tokens", ctx.path("dqo_datasets") / "reference.jsonl")
+    return in_step(ctx, write_datasets)
+
+
+def _fitting_samples(ctx: StageContext):
+    """(tokenizer, every graded sample, those that fit model.max_seq_len, their sample keys)."""
     from stepwise.tasks.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir(ctx))
-    out = ctx.dir("dqo_datasets")
     all_graded = read_jsonl(ctx.path("dqo_sample") / "graded.jsonl")
     graded = fitting(tokenizer, all_graded, ctx.config.model.max_seq_len)
-    keys = [sample_key(r["problem"], r["response"]) for r in graded]
+    return tokenizer, all_graded, graded, [sample_key(r["problem"], r["response"]) for r in graded]
+
+
+def write_unique_responses(ctx: StageContext) -> dict:
+    """(In a step.) dqo_datasets/reference.jsonl: each unique (prompt, response) that fits, to be scored."""
+    _, _, graded, keys = _fitting_samples(ctx)
     unique = {k: {"prompt": r["problem"], "response": r["response"]} for k, r in zip(keys, graded)}
-    scores = score(ctx, base_policy(ctx)[0], "tokens", list(unique.values()), "dqo_datasets/reference") if unique else []
+    write_jsonl(ctx.dir("dqo_datasets") / "reference.jsonl", list(unique.values()))
+    return {"unique_responses": len(unique)}
+
+
+def write_datasets(ctx: StageContext) -> dict:
+    """(In a step.) The trajectories, labelled samples, pairs, RS and gold sets with pi0's log-probs."""
+    from stepwise.pipeline.stages.scoring import scores_of
+
+    tokenizer, all_graded, graded, keys = _fitting_samples(ctx)
+    out = ctx.dir("dqo_datasets")
+    unique = dict.fromkeys(keys)
+    scores = scores_of(out / "reference.jsonl") if unique else []
     logp = {k: row["logprobs"] for k, row in zip(unique, scores)}
     process = _process_rows(ctx)
     trajectories = []

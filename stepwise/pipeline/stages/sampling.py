@@ -2,9 +2,13 @@
 accuracy on held-out problems)."""
 from __future__ import annotations
 
+import contextlib
+import json
+import multiprocessing
+import os
 from pathlib import Path
 
-from stepwise.data.jsonl import write_jsonl
+from stepwise.data.jsonl import atomic_concat, write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.data import problems
@@ -23,15 +27,16 @@ def make_replica(ctx: StageContext, model_dir: str, batch_size: int):
 
 
 def sample_shards(ctx: StageContext, model_dir: str, records: list[dict], prompt_key: str, params, out: Path,
-                  shard_size: int, batch_size: int, desc: str) -> None:
+                  shard_size: int, batch_size: int, desc: str) -> list[Path]:
     """(In a launched step.) This worker's share of the shards: those with index % world_size == rank.
     The seeding contract of `sampling.base` makes the shards independent of the number of replicas."""
     from stepwise.sampling import sample_to_shards
 
     sampler = make_replica(ctx, model_dir, batch_size)
-    sample_to_shards(sampler, records, prompt_key, params, out, shard_size=shard_size, desc=desc,
-                     rank=ctx.rank, world_size=ctx.world_size)
+    mine = sample_to_shards(sampler, records, prompt_key, params, out, shard_size=shard_size, desc=desc,
+                            rank=ctx.rank, world_size=ctx.world_size)
     sampler.close()
+    return mine
 
 
 def grade_records(task: str, records: list[dict]) -> list[dict]:
@@ -58,23 +63,59 @@ def sample_problems(ctx: StageContext) -> dict:
 
 @stage("grade", depends=("sample",), config_keys=("task.name",), iterative=True)
 def grade_samples(ctx: StageContext) -> dict:
-    return in_step(ctx, grade_sample_shards)
+    return in_step(ctx, grade_sample_shards, replicas(ctx))
 
 
-def grade_sample_shards(ctx: StageContext) -> dict:
-    from stepwise.sampling import read_shards
+def grade_sample_shards(ctx: StageContext) -> dict | None:
+    """(In a step, on the replicas.) Each worker grades its shards (index % world_size == rank) on a
+    process pool into grade/shards/, with per-shard counts (a problem's samples share one shard); rank
+    0 streams them into grade/graded.jsonl and sums the counts."""
+    source, out = ctx.path("sample") / "shards", ctx.dir("grade") / "shards"
+    names = sorted(path.name for path in source.glob("shard_*.jsonl"))
+    with grading_pool(ctx) as pool:
+        for name in names[ctx.rank::ctx.world_size]:
+            if not (out / name).exists():  # a requeued step redoes only what is missing
+                grade_shard(ctx.config.task.name, source / name, out / name, pool)
+    ctx.barrier()
+    if ctx.rank != 0:
+        return None
+    atomic_concat([out / name for name in names], ctx.path("grade") / "graded.jsonl")
+    totals = {key: sum(json.loads((out / f"{name}.counts.json").read_text())[key] for name in names)
+              for key in ("samples", "correct", "problems", "solved", "all_wrong")}
+    return {"samples": totals["samples"], "sample_accuracy": totals["correct"] / max(1, totals["samples"]),
+            "pass_at_n": totals["solved"] / max(1, totals["problems"]), "all_wrong_problems": totals["all_wrong"]}
 
-    graded = grade_records(ctx.config.task.name, read_shards(ctx.path("sample") / "shards"))
-    write_jsonl(ctx.dir("grade") / "graded.jsonl", graded)
+
+@contextlib.contextmanager
+def grading_pool(ctx: StageContext):
+    """Worker processes for the graders (math-verify is CPU-bound): this node's cores shared by its ranks."""
+    local_workers = max(1, min(ctx.world_size, ctx.config.parallel.nproc_per_node))
+    processes = max(1, (os.cpu_count() or 1) // local_workers)
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        yield pool
+
+
+def _grade_one(task_and_record: tuple[str, dict]) -> bool:
+    from stepwise.tasks.grading import grade
+
+    task, record = task_and_record
+    return bool(grade(task, record["response"], record["answer"]))
+
+
+def grade_shard(task: str, source: Path, out: Path, pool) -> None:
+    """Grade one shard of samples into `out` (records + "correct") and `out`.counts.json."""
+    from stepwise.data.jsonl import atomic_write_json, read_jsonl
+
+    records = read_jsonl(source)
+    verdicts = pool.map(_grade_one, [(task, record) for record in records], chunksize=16)
+    graded = [{**record, "correct": verdict} for record, verdict in zip(records, verdicts)]
     by_problem: dict[str, list[bool]] = {}
     for record in graded:
         by_problem.setdefault(record["id"], []).append(record["correct"])
-    return {
-        "samples": len(graded),
-        "sample_accuracy": sum(r["correct"] for r in graded) / max(1, len(graded)),
-        "pass_at_n": sum(any(v) for v in by_problem.values()) / max(1, len(by_problem)),
-        "all_wrong_problems": sum(not any(v) for v in by_problem.values()),
-    }
+    atomic_write_json(f"{out}.counts.json", {
+        "samples": len(graded), "correct": sum(verdicts), "problems": len(by_problem),
+        "solved": sum(any(v) for v in by_problem.values()), "all_wrong": sum(not any(v) for v in by_problem.values())})
+    write_jsonl(out, graded)
 
 
 def greedy_accuracy(ctx: StageContext, model_dir: str, name: str, stage_name: str = "eval") -> dict:
