@@ -39,6 +39,7 @@ class LaunchError(RuntimeError):
 RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                         "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME")
 SRUN_EXTRA_ENV = "STEPWISE_SRUN_ARGS"  # extra srun arguments (slurm/common.sh: pyxis --container-image ...)
+WORKER_PYTHON_ENV = "STEPWISE_WORKER_PYTHON"  # the workers' python inside a container (default: the driver's)
 MASTER_ADDR_ENV, MASTER_PORT_ENV = "STEPWISE_MASTER_ADDR", "STEPWISE_MASTER_PORT"
 
 
@@ -46,7 +47,7 @@ def worker_command(parallel: ParallelConfig, module: str, args: list[str]) -> li
     if parallel.launcher == "srun":
         return ["srun", "--kill-on-bad-exit=1", f"--nodes={parallel.nnodes}", f"--ntasks={parallel.world_size}",
                 f"--ntasks-per-node={parallel.nproc_per_node}", *os.environ.get(SRUN_EXTRA_ENV, "").split(),
-                sys.executable, "-m", module, *args]
+                os.environ.get(WORKER_PYTHON_ENV) or sys.executable, "-m", module, *args]
     if parallel.nnodes > 1:
         raise LaunchError("parallel.nnodes > 1 needs parallel.launcher=srun (inside a Slurm allocation)")
     if parallel.world_size == 1:  # one worker: no agent needed (it dies with the driver's process group)
@@ -89,8 +90,15 @@ def launch(parallel: ParallelConfig, module: str, args: list[str], run_dir: str 
         marker = Path(scratch) / "requeue"
         child = subprocess.Popen(command, env={**worker_env(parallel), REQUEUE_MARKER_ENV: str(marker)})
         in_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
-        forwarding = {number: signal.signal(number, lambda sig, frame: child.send_signal(sig))
-                      for number in (STOP_SIGNALS if in_main else ())}
+        forwarded: list[int] = []
+
+        def forward(number, frame):
+            forwarded.append(number)
+            child.send_signal(number)
+            if callable(forwarding.get(number)):  # the driver's own stop request (pipeline.runner) sees it too
+                forwarding[number](number, frame)
+
+        forwarding = {number: signal.signal(number, forward) for number in (STOP_SIGNALS if in_main else ())}
         try:
             code = child.wait()
         finally:
@@ -98,5 +106,8 @@ def launch(parallel: ParallelConfig, module: str, args: list[str], run_dir: str 
                 signal.signal(number, handler)
         if marker.is_file() or code == REQUEUE_EXIT_CODE:
             raise Requeue(marker.read_text().strip() if marker.is_file() else "workers stopped for requeue")
+        if forwarded and code != 0:  # workers without a stop handler (a sampling step, or past the training
+            # loop) died of the forwarded signal: what they published stays, the rerun redoes the rest
+            raise Requeue(f"workers stopped by {signal.Signals(forwarded[0]).name} (exit {code})")
     if code != 0:
         raise LaunchError(f"workers exited with code {code}: {' '.join(command)}")

@@ -8,6 +8,8 @@ directory; a stage without a manifest (killed midway) keeps its partial outputs 
 from __future__ import annotations
 
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from stepwise.config.schema import RecipeConfig
 from stepwise.data.jsonl import atomic_write_text
 from stepwise.pipeline import manifest, registry
 from stepwise.pipeline.context import StageContext
+from stepwise.train.guard import STOP_SIGNALS, Requeue
 
 DEFAULT_STAGES = ["data", "tokenizer", "init", "sft", "export", "sample", "grade", "eval", "report"]
 
@@ -62,8 +65,27 @@ def _inputs(name: str, iteration: int, keys: dict[tuple[str, int], str]) -> dict
     return inputs
 
 
+class StopRequest:
+    """SIGUSR1 / SIGTERM to the driver (Slurm's time-limit warning): the running step is told by the
+    launcher, and the driver starts no further stage; it raises `Requeue` at the next stage boundary."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        if threading.current_thread() is threading.main_thread():
+            for number in STOP_SIGNALS:
+                signal.signal(number, self)
+
+    def __call__(self, number, frame) -> None:
+        self.received = number
+
+    def check(self, title: str) -> None:
+        if self.received is not None:
+            raise Requeue(f"{signal.Signals(self.received).name} received; stopped before stage '{title}'")
+
+
 def run_pipeline(config: RecipeConfig, only: list[str] | None = None, force: bool = False) -> StageContext:
     """Run (or skip) each stage; returns the context with every stage's summary."""
+    stop = StopRequest()
     run_dir = Path(config.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     root = StageContext(config=config, run_dir=run_dir)
@@ -84,6 +106,7 @@ def run_pipeline(config: RecipeConfig, only: list[str] | None = None, force: boo
             raise RuntimeError(f"stage '{title}' is out of date but not selected; run it first")
         if previous is not None:  # finished under another config or inputs: its outputs are stale
             shutil.rmtree(where, ignore_errors=True)
+        stop.check(title)
         print(f"[stepwise] {title}: running", flush=True)
         began = time.perf_counter()
         summary = stage.run(ctx) or {}
