@@ -116,6 +116,9 @@ def file_checksums(directory: str | Path, names: list[str]) -> dict[str, str]:
 
 
 _VERIFIED: set[tuple[str, str, int, int]] = set()  # (file, CRC-32, size, mtime) this process has checked
+# A checkpoint read by many steps (pi0 for sampling, scoring and every export) is checksummed once: a
+# verified file leaves a stamp (CRC-32, size, mtime) in ITER/.verified/, trusted while the file is unchanged.
+VERIFIED_STAMPS = ".verified"
 
 
 def verify_checksums(iteration_dir: str | Path, meta: dict, names: list[str] | None = None) -> None:
@@ -128,12 +131,34 @@ def verify_checksums(iteration_dir: str | Path, meta: dict, names: list[str] | N
         path = Path(iteration_dir) / name
         status = path.stat()
         key = (str(path.resolve()), recorded[name], status.st_size, status.st_mtime_ns)
-        if key in _VERIFIED:
+        stamp = Path(iteration_dir) / VERIFIED_STAMPS / name.replace("/", "%")
+        seen = f"{recorded[name]} {status.st_size} {status.st_mtime_ns}\n"
+        if key in _VERIFIED or (stamp.is_file() and stamp.read_text() == seen):
             continue
         found = crc32(path)
         if found != recorded[name]:
             raise CheckpointError(f"{path}: CRC-32 {found}, {recorded[name]} when published (corrupt)")
         _VERIFIED.add(key)
+        try:
+            atomic_write_text(stamp, seen)
+        except OSError:  # a read-only checkpoint: this process still remembers
+            pass
+
+
+def fsync_files(directory: str | Path, names: list[str], directories: bool = False) -> None:
+    """fsync the files `names` under `directory` (a rank's own writes), and its directories when asked."""
+    directory = Path(directory)
+    for name in names:
+        fd = os.open(directory / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if directories:
+        for path in sorted(directory.rglob("*")):
+            if path.is_dir():
+                _fsync_dir(path)
+        _fsync_dir(directory)
 
 
 def fsync_tree(directory: str | Path) -> None:

@@ -10,6 +10,7 @@ and fails on every rank, naming the damaged file, before megatron reads a byte.
 from __future__ import annotations
 
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,6 @@ import torch.distributed as dist
 from stepwise.checkpoint import layout
 from stepwise.parallel import cpu_shim, inject
 from stepwise.parallel.agree import raise_if_any
-from stepwise.parallel.runtime import launch_env
 
 
 def unwrap(model):
@@ -101,24 +101,49 @@ def _my_files(names: list[str]) -> list[str]:
     return names[rank::world]
 
 
-def _shared_checksums(staged: Path) -> dict[str, str] | None:
-    """CRC-32 of every file of a written iteration, the files shared out over all ranks (rank 0
-    lists them); gathered on rank 0 (None elsewhere). A read error on any rank is raised on all."""
+WRITER_FILE = re.compile(r"__(\d+)_\d+\.distcp$")  # torch_dist: the shard files of global rank N
+
+
+def written_by(names: list[str], rank: int) -> list[str]:
+    """The files of a torch_dist checkpoint that `rank` wrote: its own `__<rank>_<k>.distcp` shards, and
+    for rank 0 (the coordinator) every other file (metadata, common state)."""
+    mine = []
+    for name in names:
+        match = WRITER_FILE.search(name)
+        if (int(match.group(1)) == rank) if match else rank == 0:
+            mine.append(name)
+    return mine
+
+
+def _flush_and_checksum(staged: Path) -> dict[str, str] | None:
+    """Each rank fsyncs and checksums only the files it wrote (no rank reads another's bytes back, on
+    any node); the CRC-32s are gathered on rank 0 (None elsewhere). An error on any rank is raised on all."""
     rank, world = _rank_and_world()
-    names = [sorted(layout.file_sizes(staged)) if rank == 0 else None]
-    if world > 1:
-        dist.broadcast_object_list(names, src=0)
+    names = sorted(layout.file_sizes(staged))  # after the barrier every file is there, on a shared file system
     mine, problem = {}, None
     try:
-        mine = layout.file_checksums(staged, _my_files(names[0]))
+        own = written_by(names, rank)
+        layout.fsync_files(staged, own, directories=rank == 0)
+        mine = layout.file_checksums(staged, own)
     except OSError as error:
-        problem = layout.CheckpointError(f"{staged}: cannot checksum: {error}")
+        problem = layout.CheckpointError(f"{staged}: cannot flush or checksum: {error}")
     raise_if_any(problem)
     if world == 1:
         return mine
     parts = [None] * world if rank == 0 else None
     dist.gather_object(mine, parts, dst=0)
     return {name: value for part in parts for name, value in part.items()} if rank == 0 else None
+
+
+def _save_strategy():
+    """megatron's fully parallel save: the data-parallel replicas split the writing of the tensors they
+    hold in common (every DP rank writes 1/DP of the model and optimizer instead of DP rank 0 alone)."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group, do_cache_distribution=True)
 
 
 def save_checkpoint(
@@ -142,15 +167,11 @@ def save_checkpoint(
     state = _sharded_state(model, optimizer, with_rng=True)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["trainer"] = dict(trainer_state or {})
-    dist_checkpointing.save(state, str(staged))
+    dist_checkpointing.save(state, str(staged), sharded_strategy=_save_strategy())
     if dist.is_initialized():
         dist.barrier()  # every rank's shards are written
-    if launch_env()[2] == 0:  # one process per node flushes what this node wrote
-        layout.fsync_tree(staged)
-    if dist.is_initialized():
-        dist.barrier()
+    checksums = _flush_and_checksum(staged)
     inject.kill_point("staged", step)
-    checksums = _shared_checksums(staged)
     final = Path(root) / layout.iteration_name(step)
     if rank0:
         full_meta = {"step": step, "saved_at": time.time(), "has_optimizer": optimizer is not None,

@@ -13,7 +13,7 @@ import pytest
 
 from stepwise.checkpoint import layout
 from stepwise.checkpoint.retention import prune, steps_to_delete
-from stepwise.checkpoint.state import load_checkpoint
+from stepwise.checkpoint.state import load_checkpoint, written_by
 from stepwise.parallel import inject
 from stepwise.train.guard import REQUEUE_EXIT_CODE, Requeue, StopGuard, deadline_near
 
@@ -83,6 +83,33 @@ def test_a_file_is_checksummed_once_per_process_until_it_changes(tmp_path, monke
     os.utime(shard, ns=(1, 1))  # changed since (another mtime): checked again, and caught
     with pytest.raises(layout.CheckpointError, match="when published \\(corrupt"):
         layout.verify_checksums(final, meta)
+
+
+def test_a_checkpoint_is_verified_once_across_processes_until_a_file_changes(tmp_path, monkeypatch):
+    """pi0 is read by many launched steps: the first verification leaves stamps, later processes trust
+    them while the files are unchanged (another mtime or size: checked again, and caught)."""
+    final = stage(tmp_path, 2)
+    meta, reads = layout.read_meta(final), []
+    layout.verify_checksums(final, meta)
+    assert sorted(p.name for p in (final / layout.VERIFIED_STAMPS).iterdir()) == ["__0_0.distcp", "sub%common.pt"]
+    monkeypatch.setattr(layout, "_VERIFIED", set())  # a new process
+    real = layout.crc32
+    monkeypatch.setattr(layout, "crc32", lambda path: reads.append(path.name) or real(path))
+    layout.verify_checksums(final, meta)
+    assert reads == []
+    shard = final / "__0_0.distcp"
+    shard.write_bytes(b"x" * 50 + b"y" + b"x" * 49)
+    os.utime(shard, ns=(1, 1))
+    with pytest.raises(layout.CheckpointError, match="when published \\(corrupt"):
+        layout.verify_checksums(final, meta)
+    assert reads == ["__0_0.distcp"]
+
+
+def test_each_rank_flushes_and_checksums_only_the_files_it_wrote():
+    names = ["__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__12_0.distcp", ".metadata", "common.pt", "metadata.json"]
+    assert written_by(names, 0) == ["__0_0.distcp", "__0_1.distcp", ".metadata", "common.pt", "metadata.json"]
+    assert written_by(names, 1) == ["__1_0.distcp"] and written_by(names, 12) == ["__12_0.distcp"]
+    assert written_by(names, 2) == []
 
 
 def test_retention_keeps_the_last_k_every_mth_and_latest():
