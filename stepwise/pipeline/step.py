@@ -32,9 +32,15 @@ def single_worker(ctx: StageContext) -> ParallelConfig:
 
 
 def replicas(ctx: StageContext) -> ParallelConfig:
-    """Data-parallel sampling: one replica per worker of the recipe's layout, on every node."""
-    layout = ctx.config.parallel
-    return ParallelConfig(nproc_per_node=layout.nproc_per_node, nnodes=layout.nnodes, launcher=layout.launcher)
+    """Data-parallel sampling on every node of the recipe's layout: one replica per worker (HF backend), or
+    one per tensor-parallel group of `sampling.tensor_parallel_size` GPUs (vLLM, which starts its own TP
+    workers inside the replica's process)."""
+    layout, sampling = ctx.config.parallel, ctx.config.sampling
+    group = sampling.tensor_parallel_size if sampling.backend == "vllm" else 1
+    if layout.nproc_per_node % group:
+        raise ValueError(f"sampling.tensor_parallel_size={group} does not divide parallel.nproc_per_node="
+                         f"{layout.nproc_per_node}: a sampler replica must sit on one node")
+    return ParallelConfig(nproc_per_node=layout.nproc_per_node // group, nnodes=layout.nnodes, launcher=layout.launcher)
 
 
 def in_step(ctx: StageContext, function: Callable, layout: ParallelConfig | None = None, **kwargs) -> dict:

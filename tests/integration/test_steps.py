@@ -77,3 +77,16 @@ def test_one_local_worker_needs_no_agent():
     command = worker_command(ParallelConfig(nproc_per_node=1), "stepwise.pipeline.step", ["r.json"])
     assert command[1:] == ["-m", "stepwise.pipeline.step", "r.json"]
     assert "torch.distributed.run" in worker_command(ParallelConfig(nproc_per_node=2), "m", [])
+
+
+def test_vllm_replicas_are_tensor_parallel_groups_on_every_node(tmp_path):
+    from stepwise.pipeline.step import replicas
+
+    ctx = context(tmp_path)
+    ctx.config.parallel = ParallelConfig(nproc_per_node=8, nnodes=8, launcher="srun")
+    assert (replicas(ctx).nproc_per_node, replicas(ctx).nnodes) == (8, 8)  # HF: one per GPU
+    ctx.config.sampling.backend, ctx.config.sampling.tensor_parallel_size = "vllm", 4
+    assert (replicas(ctx).nproc_per_node, replicas(ctx).nnodes, replicas(ctx).launcher) == (2, 8, "srun")
+    ctx.config.sampling.tensor_parallel_size = 3
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide parallel.nproc_per_node=8"):
+        replicas(ctx)

@@ -6,9 +6,9 @@ has no GPUs, two nodes and 2 CPUs each, answers with the specific resource refus
 after the whole header parsed; with the counts brought down to what it has it schedules the job);
 the controller stores --requeue/--exclusive/--nodes of a held submission; a recipe whose layouts do
 not fit the allocation fails the job before any step, naming both; two srun tasks on two nodes meet
-at common.sh's rendezvous address (the first node's NodeAddr) and all-reduce over gloo; the headline
-script runs the smoke recipe's first stages (SFT's workers an srun step across both nodes) and a
-re-submission skips them; convert.sh passes its arguments to `stepwise convert` in an srun step; and
+at common.sh's rendezvous address (the first node's NodeAddr) and all-reduce over gloo (the whole
+pipeline through the headline script on two nodes, with a requeue, is test_two_node_pipeline.py);
+convert.sh passes its arguments to `stepwise convert` in an srun step; and
 common.sh's exports (rendezvous, pyxis options) outside a job. Nothing here uses a GPU, pyxis, or a
 real 72B stage; the GPU counts of the headers are only checked as far as sbatch parses them.
 """
@@ -236,32 +236,3 @@ def test_convert_passes_its_arguments_to_stepwise_convert_in_an_srun_step(slurm_
     job_id, fields = submit_and_wait(["--cpus-per-task=1", "--mem=1G", f"--output={output}", "slurm/convert.sh"],
                                      REPO, slurm_env, timeout=120)
     assert fields.get("ExitCode") == "2:0" and "usage: sbatch slurm/convert.sh" in read_log(output)
-
-
-@pytest.mark.slurm
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_the_headline_script_runs_stages_as_srun_steps_on_two_nodes_and_resumes(slurm_env, tmp_path):
-    """The smoke recipe's first stages at a 2-node srun layout through slurm/dapo_qwen72b.sh: the driver in
-    the batch step on node1, SFT's workers an srun step on node1 and node2; the same command again skips
-    every finished stage."""
-    run_dir = tmp_path / "run"
-    args = ["-N", "2", "--gpus-per-node=0", "--time=15", "slurm/dapo_qwen72b.sh", "recipes/tiny/smoke.yaml",
-            "parallel.nnodes=2", "parallel.nproc_per_node=1", "parallel.launcher=srun",
-            "run.stages=[data,tokenizer,init,sft]", "sft.max_steps=2", f"run.dir={run_dir}"]
-    env = dict(slurm_env, GPUS_PER_NODE="0")
-    logs = Path(slurm_env["SLURM_CONF"]).parent / "log"
-    for attempt in ("first", "again"):
-        output = tmp_path / f"{attempt}.out"
-        job_id, fields = submit_and_wait([f"--output={output}", *args], REPO, env, timeout=420)
-        log = read_log(output)
-        state = (fields.get("JobState"), fields.get("ExitCode"))
-        assert state == ("COMPLETED", "0:0"), f"job {job_id}: {fields}\n{log}"
-        assert "[stepwise] layout: job=" in log and "nodes=2 (node[1-2])" in log and "master=127.0.0.1:" in log, log
-        if attempt == "first":
-            assert "[stepwise] sft: done" in log, log
-            for node in ("node1", "node2"):  # a step of this job (not only the batch script) started on each node
-                assert re.search(rf"launch task StepId={job_id}\.\d+ ", (logs / f"slurmd.{node}.log").read_text()), node
-        else:
-            for stage in ("data", "tokenizer", "init", "sft"):
-                assert f"[stepwise] {stage}: up to date, skipped" in log, log
