@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 
-from stepwise.data.jsonl import read_jsonl, write_jsonl
+from stepwise.data.jsonl import iter_jsonl, read_jsonl, write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.dapo_data import split_steps
@@ -194,13 +194,19 @@ def dapo_eval(ctx: StageContext) -> dict:
 @stage("rs", depends=("grade", "policy", "sft", "init"), config_keys=("rs", "eval", "model", "parallel"))
 def rs_baseline(ctx: StageContext) -> dict:
     """Ablation: rejection sampling (SFT on pi0's correct samples) for as many steps as the policy."""
-    correct = [{"prompt": r["problem"], "response": r["response"]}
-               for r in read_jsonl(ctx.path("grade") / "graded.jsonl") if r["correct"]]
+    correct = in_step(ctx, write_correct_samples)["samples"]
     steps = int(ctx.summary("policy")["final"]["step"])
-    if len(correct) < ctx.config.rs.global_batch_size:
-        print(f"[stepwise] rs: {len(correct)} correct samples, fewer than one global batch: ablation skipped", flush=True)
-        return {"samples": len(correct), "steps": 0, "skipped": "fewer correct samples than one global batch"}
-    write_jsonl(ctx.dir("rs") / "correct.jsonl", correct)
+    if correct < ctx.config.rs.global_batch_size:
+        print(f"[stepwise] rs: {correct} correct samples, fewer than one global batch: ablation skipped", flush=True)
+        return {"samples": correct, "steps": 0, "skipped": "fewer correct samples than one global batch"}
     checkpoints = train_section(ctx, "rs", ctx.path("rs") / "correct.jsonl", base_policy(ctx)[0],
                                 max_steps=steps)
-    return {"samples": len(correct), "steps": steps, **export_and_evaluate(ctx, "rs", str(checkpoints), "rs_same_steps")}
+    return {"samples": correct, "steps": steps, **export_and_evaluate(ctx, "rs", str(checkpoints), "rs_same_steps")}
+
+
+def write_correct_samples(ctx: StageContext) -> dict:
+    """(In a step.) rs/correct.jsonl: pi0's correct samples as SFT records, streamed."""
+    correct = [{"prompt": r["problem"], "response": r["response"]}
+               for r in iter_jsonl(ctx.path("grade") / "graded.jsonl") if r["correct"]]
+    write_jsonl(ctx.dir("rs") / "correct.jsonl", correct)
+    return {"samples": len(correct)}

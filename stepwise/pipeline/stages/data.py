@@ -4,6 +4,7 @@ from __future__ import annotations
 from stepwise.data.jsonl import read_jsonl, write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
+from stepwise.pipeline.step import in_step
 
 PROBLEM_FIELDS = {"id": str, "problem": str, "answer": str}
 
@@ -37,6 +38,11 @@ def _real_task(ctx: StageContext) -> dict:
 
 @stage("data", config_keys=("task", "run.seed"))
 def build_data(ctx: StageContext) -> dict:
+    return in_step(ctx, write_problems)
+
+
+def write_problems(ctx: StageContext) -> dict:
+    """(In a launched step.) The task's train / test problems (and SFT records for the embedded task)."""
     task = ctx.config.task
     if task.name != "arith":
         return _real_task(ctx)
@@ -63,6 +69,11 @@ def tokenizer_dir(ctx: StageContext) -> str:
 
 @stage("tokenizer", depends=("data",), config_keys=("tokenizer", "task", "model.path"))
 def build_tokenizer(ctx: StageContext) -> dict:
+    return in_step(ctx, prepare_tokenizer)
+
+
+def prepare_tokenizer(ctx: StageContext) -> dict:
+    """(In a launched step.) The tokenizer the recipe names, else one trained on the task's corpus."""
     from stepwise.tasks.tokenizer import load_tokenizer, train_task_tokenizer
 
     if ctx.config.tokenizer.path or ctx.config.model.path:
