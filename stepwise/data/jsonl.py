@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 
 class DataError(ValueError):
@@ -73,10 +73,21 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
-    """Atomically write records, one JSON object per line; returns the count."""
-    lines = [json.dumps(record, ensure_ascii=False) for record in records]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
-    return len(lines)
+    """Atomically write records, one JSON object per line, streamed (a generator is never held whole);
+    returns the count."""
+    count = 0
+    with jsonl_output(path) as write:
+        for record in records:
+            write(record)
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def jsonl_output(path: str | os.PathLike) -> Iterator[Callable[[Mapping[str, Any]], None]]:
+    """Write a JSONL file record by record (`write(record)`); it appears atomically, whole, at the end."""
+    with atomic_output(path) as handle:
+        yield lambda record: handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 _TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "list", dict: "object"}

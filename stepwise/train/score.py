@@ -132,10 +132,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def read_scores(out_dir: str | Path) -> list[dict]:
     """All parts of a scoring run, in record order."""
-    from stepwise.data.jsonl import read_jsonl
+    return list(iter_scores(out_dir))
 
-    rows = [row for part in sorted(Path(out_dir).glob("part_*.jsonl")) for row in read_jsonl(part)]
-    return sorted(rows, key=lambda row: row["index"])
+
+def iter_scores(out_dir: str | Path):
+    """The scores of a run in record order, streamed: the DP groups score contiguous slices, so the parts
+    in DP order are the records in order (checked as they come)."""
+    from stepwise.data.jsonl import DataError, iter_jsonl
+
+    expected = 0
+    for part in sorted(Path(out_dir).glob("part_*.jsonl")):
+        for row in iter_jsonl(part):
+            if row["index"] != expected:
+                raise DataError(f"{part}: score of record {row['index']} where record {expected} was due")
+            expected += 1
+            yield row
 
 
 if __name__ == "__main__":

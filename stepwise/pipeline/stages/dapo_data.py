@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 from dataclasses import replace
+from operator import itemgetter
 
-from stepwise.data.jsonl import atomic_concat, iter_jsonl, read_jsonl, write_jsonl
+from stepwise.data.jsonl import atomic_concat, iter_jsonl, jsonl_output, read_jsonl, write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.model import acting_policy
@@ -32,17 +34,20 @@ def select(ctx: StageContext) -> dict:
 
 
 def select_balanced(ctx: StageContext) -> dict:
-    by_problem: dict[str, list[dict]] = {}
-    for record in read_jsonl(ctx.path("grade") / "graded.jsonl"):
-        by_problem.setdefault(record["id"], []).append(record)
-    chosen = []
-    for problem_id, records in sorted(by_problem.items()):
+    """(In a step.) Streams the graded samples problem by problem (a problem's samples are contiguous: they
+    share a shard) and keeps only the chosen ones, written in problem-id order."""
+    chosen: list[dict] = []
+    problems = 0
+    for problem_id, group in itertools.groupby(iter_jsonl(ctx.path("grade") / "graded.jsonl"), key=itemgetter("id")):
+        records = list(group)
         rng = random.Random(f"select-{ctx.config.run.seed}-{problem_id}")
         correct = [r for r in records if r["correct"]]
         wrong = [r for r in records if not r["correct"]]
         chosen += balanced_pick(correct, wrong, ctx.config.skywork_dapo.select_k, rng)
+        problems += 1
+    chosen.sort(key=itemgetter("id"))  # stable: each problem's picks keep their order
     write_jsonl(ctx.dir("select") / "selected.jsonl", chosen)
-    return {"problems": len(by_problem), "selected": len(chosen), "correct": sum(r["correct"] for r in chosen)}
+    return {"problems": problems, "selected": len(chosen), "correct": sum(r["correct"] for r in chosen)}
 
 
 def split_steps(response: str, separator: str) -> list[str]:
@@ -55,23 +60,30 @@ def segment(ctx: StageContext) -> dict:
 
 
 def segment_solutions(ctx: StageContext) -> dict:
+    """(In a step.) Streams the selected solutions problem by problem (states of different problems never
+    coincide: a state's text starts with its problem) into states.jsonl and solutions.jsonl."""
     separator = ctx.config.skywork_dapo.separator
-    states: dict[str, dict] = {}
-    solutions = []
-    for record in read_jsonl(ctx.path("select") / "selected.jsonl"):
-        steps = split_steps(record["response"], separator)
-        ids = []
-        for t in range(len(steps)):
-            text = record["problem"] + "".join(step + separator for step in steps[:t])
-            ids.append(state_id(text))
-            states.setdefault(ids[-1], {"state_id": ids[-1], "prompt": text, "id": record["id"],
-                                        "answer": record["answer"], "t": t})
-        solutions.append({"id": record["id"], "prompt": record["problem"], "answer": record["answer"],
-                          "steps": steps, "state_ids": ids, "correct": record["correct"]})
-    write_jsonl(ctx.dir("segment") / "states.jsonl", list(states.values()))
-    write_jsonl(ctx.dir("segment") / "solutions.jsonl", solutions)
-    return {"solutions": len(solutions), "unique_states": len(states),
-            "states": sum(len(s["state_ids"]) for s in solutions)}
+    counts = {"solutions": 0, "unique_states": 0, "states": 0}
+    out = ctx.dir("segment")
+    with jsonl_output(out / "states.jsonl") as write_state, jsonl_output(out / "solutions.jsonl") as write_solution:
+        for _, group in itertools.groupby(iter_jsonl(ctx.path("select") / "selected.jsonl"), key=itemgetter("id")):
+            states: dict[str, dict] = {}
+            for record in group:
+                steps = split_steps(record["response"], separator)
+                ids = []
+                for t in range(len(steps)):
+                    text = record["problem"] + "".join(step + separator for step in steps[:t])
+                    ids.append(state_id(text))
+                    states.setdefault(ids[-1], {"state_id": ids[-1], "prompt": text, "id": record["id"],
+                                                "answer": record["answer"], "t": t})
+                write_solution({"id": record["id"], "prompt": record["problem"], "answer": record["answer"],
+                                "steps": steps, "state_ids": ids, "correct": record["correct"]})
+                counts["solutions"] += 1
+                counts["states"] += len(ids)
+            for state in states.values():
+                write_state(state)
+            counts["unique_states"] += len(states)
+    return counts
 
 
 @stage("complete", depends=("segment", "export", "init"),

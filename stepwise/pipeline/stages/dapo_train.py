@@ -4,15 +4,19 @@ from pi_ref), and `dapo_eval` (export + greedy accuracy of the new policy)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+import shutil
+from operator import itemgetter
 
-from stepwise.data.jsonl import iter_jsonl, read_jsonl, write_jsonl
+from stepwise.data.jsonl import iter_jsonl, jsonl_output, read_jsonl, write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.dapo_data import split_steps
 from stepwise.pipeline.stages.model import base_policy, export_checkpoint, last_metrics, reference_policy, train_section
 from stepwise.pipeline.stages.sampling import greedy_accuracy
 from stepwise.pipeline.stages.scoring import score_file, scores_of
+from stepwise.train.score import iter_scores
 from stepwise.pipeline.step import in_step
 
 CALIBRATION_BINS = 5
@@ -85,18 +89,22 @@ def report_critic_splits(ctx: StageContext, splits: list[str]) -> dict:
     return reports
 
 
-def _actions_per_state(ctx: StageContext) -> dict[str, list[dict]]:
+def _actions_per_state(ctx: StageContext):
+    """(state_id, its sampled first steps) per state, streamed from the graded completions (a state's
+    completions are contiguous: they share a shard)."""
     separator = ctx.config.skywork_dapo.separator
-    actions: dict[str, list[dict]] = {}
-    for record in read_jsonl(ctx.path("complete") / "completions.jsonl"):
-        steps = split_steps(record["response"], separator)
-        if not steps:
-            continue
-        ends = len(steps) == 1
-        actions.setdefault(record["state_id"], []).append({
-            "state_id": record["state_id"], "prompt": record["prompt"], "step": steps[0], "ends": ends,
-            "action": steps[0] if ends else steps[0] + separator, "correct": record["correct"]})
-    return actions
+    completions = iter_jsonl(ctx.path("complete") / "completions.jsonl")
+    for sid, group in itertools.groupby(completions, key=itemgetter("state_id")):
+        actions = []
+        for record in group:
+            steps = split_steps(record["response"], separator)
+            if not steps:
+                continue
+            ends = len(steps) == 1
+            actions.append({"state_id": sid, "prompt": record["prompt"], "step": steps[0], "ends": ends,
+                            "action": steps[0] if ends else steps[0] + separator, "correct": record["correct"]})
+        if actions:
+            yield sid, actions
 
 
 def assign_values(actions: list[dict], critic_values, reward) -> None:
@@ -131,45 +139,54 @@ def advantage(ctx: StageContext) -> dict:
 
 
 def write_next_states(ctx: StageContext) -> dict:
-    """(In a step.) advantage/per_state.jsonl (each state's sampled first steps) and advantage/next.jsonl
-    (the next states the critic values: those of actions that do not end the solution)."""
-    per_state = _actions_per_state(ctx)
-    write_jsonl(ctx.dir("advantage") / "per_state.jsonl", [{"state_id": k, "actions": v} for k, v in per_state.items()])
-    to_value = [{"prompt": a["prompt"] + a["action"], "steps": [], "mc": [0.0]}
-                for actions in per_state.values() for a in actions if not a["ends"]]
-    write_jsonl(ctx.path("advantage") / "next.jsonl", to_value)
-    return {"next_states": len(to_value)}
+    """(In a step, streamed.) advantage/per_state.jsonl (each state's sampled first steps) and
+    advantage/next.jsonl (the next states the critic values: those of actions that do not end the solution)."""
+    out, count = ctx.dir("advantage"), 0
+    for stale in ("next_scores", "kept_scores"):  # scores of an earlier attempt's files
+        shutil.rmtree(out / stale, ignore_errors=True)
+    with jsonl_output(out / "per_state.jsonl") as write_state, jsonl_output(out / "next.jsonl") as write_next:
+        for sid, actions in _actions_per_state(ctx):
+            write_state({"state_id": sid, "actions": actions})
+            for action in actions:
+                if not action["ends"]:
+                    write_next({"prompt": action["prompt"] + action["action"], "steps": [], "mc": [0.0]})
+                    count += 1
+    return {"next_states": count}
 
 
 def choose_actions(ctx: StageContext) -> dict:
-    """(In a step.) Values of next states (critic, or the graded reward of a final step), advantages, the
-    gap filter; the kept actions go to advantage/kept.jsonl."""
+    """(In a step, streamed.) Values of next states (critic, or the graded reward of a final step),
+    advantages, the gap filter; the kept actions go to advantage/kept.jsonl."""
     from stepwise.tasks.grading import grade
 
-    next_states = ctx.path("advantage") / "next.jsonl"
-    values = iter(row["values"][0] for row in (scores_of(next_states) if read_jsonl(next_states) else []))
-    answers = {row["state_id"]: row["answer"] for row in read_jsonl(ctx.path("segment") / "states.jsonl")}
-    kept, gaps = [], []
-    for row in read_jsonl(ctx.path("advantage") / "per_state.jsonl"):
-        sid, actions = row["state_id"], row["actions"]
-        assign_values(actions, values, lambda a: float(grade(ctx.config.task.name, a["step"], answers[sid])))
-        chosen, gap = state_advantages(actions, ctx.config.skywork_dapo.advantage_gap)
-        kept += chosen
-        gaps.append(gap)
-    write_jsonl(ctx.path("advantage") / "kept.jsonl", [{**a, "ref_logp": 0.0} for a in kept])
-    return {"states": len(gaps), "actions": len(kept), "mean_gap": sum(gaps) / max(1, len(gaps))}
+    out = ctx.path("advantage")
+    values = (row["values"][0] for row in iter_scores(out / "next_scores")) if (out / "next_scores").is_dir() else iter(())
+    answers = {row["state_id"]: row["answer"] for row in iter_jsonl(ctx.path("segment") / "states.jsonl")}
+    states, kept, gap_sum = 0, 0, 0.0
+    with jsonl_output(out / "kept.jsonl") as write_kept:
+        for row in iter_jsonl(out / "per_state.jsonl"):
+            sid, actions = row["state_id"], row["actions"]
+            assign_values(actions, values, lambda a: float(grade(ctx.config.task.name, a["step"], answers[sid])))
+            chosen, gap = state_advantages(actions, ctx.config.skywork_dapo.advantage_gap)
+            for action in chosen:
+                write_kept({**action, "ref_logp": 0.0})
+            states, kept, gap_sum = states + 1, kept + len(chosen), gap_sum + gap
+    return {"states": states, "actions": kept, "mean_gap": gap_sum / max(1, states)}
 
 
 def write_actions(ctx: StageContext) -> dict:
-    """(In a step.) advantage/actions.jsonl: the kept actions with pi_ref's log-probs."""
-    kept_path = ctx.path("advantage") / "kept.jsonl"
-    kept = read_jsonl(kept_path)
-    reference = scores_of(kept_path) if kept else []
-    rows = [{"state_id": a["state_id"], "prompt": a["prompt"], "action": a["action"], "ends": a["ends"],
-             "advantage": a["advantage"], "ref_logp": r["logp"]} for a, r in zip(kept, reference)]
-    write_jsonl(ctx.dir("advantage") / "actions.jsonl", rows)
-    return {"states_kept": len({r["state_id"] for r in rows}), "actions": len(rows),
-            "positive_actions": sum(r["advantage"] > 0 for r in rows)}
+    """(In a step, streamed.) advantage/actions.jsonl: the kept actions with pi_ref's log-probs."""
+    out = ctx.path("advantage")
+    kept = iter_jsonl(out / "kept.jsonl")
+    reference = iter_scores(out / "kept_scores") if (out / "kept_scores").is_dir() else iter(())
+    states, count, positive = set(), 0, 0
+    with jsonl_output(out / "actions.jsonl") as write:
+        for a, r in zip(kept, reference):
+            write({"state_id": a["state_id"], "prompt": a["prompt"], "action": a["action"], "ends": a["ends"],
+                   "advantage": a["advantage"], "ref_logp": r["logp"]})
+            states.add(a["state_id"])
+            count, positive = count + 1, positive + (a["advantage"] > 0)
+    return {"states_kept": len(states), "actions": count, "positive_actions": positive}
 
 
 @stage("policy", depends=("advantage", "sft", "init"), config_keys=("policy", "model", "parallel", "run.seed"),
