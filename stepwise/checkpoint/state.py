@@ -154,8 +154,13 @@ def save_checkpoint(
     scheduler=None,
     trainer_state: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
+    async_queue=None,
 ) -> Path:
-    """Write `ROOT/iter_<step>` atomically (staged, then renamed) and repoint `ROOT/latest`."""
+    """Write `ROOT/iter_<step>` atomically (staged, then renamed) and repoint `ROOT/latest`.
+
+    With `async_queue` (megatron's AsyncCallsQueue) the shards are written by a forked process (a
+    copy-on-write snapshot of this moment's state) while training goes on; the publication (flush,
+    checksums, rename, `latest`) runs when the queue is finalized, on every rank."""
     from megatron.core import dist_checkpointing
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -167,20 +172,29 @@ def save_checkpoint(
     state = _sharded_state(model, optimizer, with_rng=True)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["trainer"] = dict(trainer_state or {})
-    dist_checkpointing.save(state, str(staged), sharded_strategy=_save_strategy())
+    full_meta = {"step": step, "saved_at": time.time(), "has_optimizer": optimizer is not None,
+                 "topology": _topology(), **(meta or {})}
+    if async_queue is None:
+        dist_checkpointing.save(state, str(staged), sharded_strategy=_save_strategy())
+        _publish_staged(root, step, staged, full_meta)
+    else:
+        request = dist_checkpointing.save(state, str(staged), sharded_strategy=_save_strategy(), async_sharded_save=True)
+        request.add_finalize_fn(lambda: _publish_staged(root, step, staged, full_meta))
+        async_queue.schedule_async_request(request)
+    return Path(root) / layout.iteration_name(step)
+
+
+def _publish_staged(root: str | Path, step: int, staged: Path, meta: dict) -> None:
+    """(Every rank.) Once all shards of `staged` are written: flush and checksum each rank's own files,
+    then rank 0 publishes the iteration."""
     if dist.is_initialized():
         dist.barrier()  # every rank's shards are written
     checksums = _flush_and_checksum(staged)
     inject.kill_point("staged", step)
-    final = Path(root) / layout.iteration_name(step)
-    if rank0:
-        full_meta = {"step": step, "saved_at": time.time(), "has_optimizer": optimizer is not None,
-                     "topology": _topology()}
-        full_meta.update(meta or {})
-        layout.publish(root, step, full_meta, checksums)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        layout.publish(root, step, meta, checksums)
     if dist.is_initialized():
         dist.barrier()
-    return final
 
 
 def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, load_rng: bool = False,

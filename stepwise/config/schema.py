@@ -106,6 +106,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2
     keep_every: int = 0  # also keep iterations whose step is a multiple of this (0: none beyond keep_last)
+    async_save: bool = False  # save_every checkpoints written by a forked process while training goes on
     nan_policy: str = "skip"  # non-finite loss or grad norm: skip (no update) | stop (save, exit non-zero)
     max_wall_minutes: Optional[float] = None  # save and exit with the requeue code before this wall time
     data_errors: str = "strict"  # bad input records: strict (stop before training) | lenient (skip, count)

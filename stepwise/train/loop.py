@@ -42,14 +42,45 @@ def latest_step(root: Path) -> int | None:
 
 
 def _save(engine: Engine, root: Path, step: int, order_state: dict, train: TrainConfig, meta: dict,
-          counters: dict) -> float:
-    """Publish iteration `step` (collective), prune on rank 0; returns the seconds it took."""
+          counters: dict, saves: "AsyncSaves | None" = None) -> float:
+    """Publish iteration `step` (collective), prune on rank 0; returns the seconds it took. With `saves`
+    (train.async_save) the shards are written in the background and published at a later step."""
     began = time.perf_counter()
+    queue = None
+    if saves is not None:
+        saves.finish()  # one save in flight at a time
+        queue = saves.queue
     save_checkpoint(root, step, engine.model, engine.optimizer, engine.scheduler,
-                    trainer_state={"step": step, "data_order": order_state, **counters}, meta=meta)
+                    trainer_state={"step": step, "data_order": order_state, **counters}, meta=meta,
+                    async_queue=queue)
+    if queue is None:
+        _prune(engine, root, train)
+    return time.perf_counter() - began
+
+
+def _prune(engine: Engine, root: Path, train: TrainConfig) -> None:
     if engine.layout.rank == 0:
         prune(root, max(1, train.keep_last), train.keep_every)
-    return time.perf_counter() - began
+
+
+class AsyncSaves:
+    """Periodic saves (train.save_every) written by a forked process while training goes on (megatron's
+    async save); each is published when its writer is done, checked once per step on every rank (one
+    small all-reduce). The stop and final saves stay synchronous: they must be on disk before exit."""
+
+    def __init__(self, engine: Engine, root: Path, train: TrainConfig) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue, self.engine, self.root, self.train = AsyncCallsQueue(), engine, root, train
+
+    def poll(self) -> None:
+        if self.queue.get_num_unfinalized_calls() and self.queue.maybe_finalize_async_calls(blocking=False):
+            _prune(self.engine, self.root, self.train)
+
+    def finish(self) -> None:
+        if self.queue.get_num_unfinalized_calls():
+            self.queue.maybe_finalize_async_calls(blocking=True)
+            _prune(self.engine, self.root, self.train)
 
 
 def _resume(engine: Engine, root: Path, order) -> tuple[int, dict]:
@@ -111,6 +142,7 @@ def run_training(
     if log_rank and start:
         _trim_metrics(metrics_file, start)
     progress = tqdm(total=steps, initial=start, desc=desc, disable=not log_rank, dynamic_ncols=True, mininterval=2.0)
+    saves = AsyncSaves(engine, root, train) if train.async_save else None
     last: dict = {}
     with StopGuard(train.max_wall_minutes) as guard:
         try:
@@ -137,10 +169,18 @@ def run_training(
                     on_step(last)
                 if metrics["nonfinite"]:
                     _non_finite(engine, root, step, before, train, meta, counters, last)
+                if saves is not None:
+                    saves.poll()
                 if step + 1 < steps:
                     reason = guard.agreed_reason()
-                    if reason or (train.save_every and (step + 1) % train.save_every == 0):
+                    if reason:  # synchronous: on disk before the process exits
+                        if saves is not None:
+                            saves.finish()
                         guard.record_save(_save(engine, root, step + 1, order.state_dict(), train, meta, counters))
+                    elif train.save_every and (step + 1) % train.save_every == 0:
+                        seconds = _save(engine, root, step + 1, order.state_dict(), train, meta, counters, saves)
+                        if saves is None:  # an async save's time is not what a stop save costs
+                            guard.record_save(seconds)
                     if reason:
                         message = (f"stopping at step {step + 1} of {steps} ({reason}); "
                                    f"{ckpt_layout.iteration_name(step + 1)} published; rerun to continue")
@@ -150,6 +190,8 @@ def run_training(
                         raise Requeue(message)
         finally:
             progress.close()
+    if saves is not None:
+        saves.finish()
     if latest_step(root) != steps:
         _save(engine, root, steps, order.state_dict(), train, meta, counters)
     return last

@@ -4,9 +4,12 @@ checkpoint), then save {param: tensor} of the final model as OUT/final.pt from r
 random data of its kind.
 
     python _train_worker.py OUT STEPS TOTAL_STEPS [TP PP [LOSSES]]     (single process or under torchrun)
+
+With ASYNC_SAVE=1 in the environment, the periodic checkpoints are saved asynchronously.
 """
 from __future__ import annotations
 
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -20,12 +23,14 @@ from stepwise.train.loop import run_training
 from stepwise.train.sft_data import SFTBatches
 from tests.integration._grad_worker import NETWORK, OPTIONS, batches_for, engine_for, random_sequences
 
+ASYNC_SAVE_ENV = "ASYNC_SAVE"
+
 
 def train_one(out: Path, steps: int, total: int, layout, tp: int, pp: int, loss: str | None) -> None:
     """`loss` None: the original SFT run on 64 sequences; else the plugin on 32 samples of its data kind."""
     case = loss or "sft"
     train = TrainConfig(loss=case.removesuffix(NETWORK), global_batch_size=8, micro_batch_size=2, max_steps=total,
-                        save_every=2, log_every=1)
+                        save_every=2, log_every=1, async_save=os.environ.get(ASYNC_SAVE_ENV) == "1")
     train.optim.lr = 1e-3
     parallel = ParallelConfig(tp=tp, pp=pp, nproc_per_node=layout.world_size)
     plugin, engine = engine_for(case, train, parallel, layout, total)

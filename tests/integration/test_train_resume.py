@@ -105,3 +105,26 @@ def test_every_loss_resumes_bitwise_at_tp2_and_pp2(tmp_path, tp, pp):
             assert torch.equal(straight[name], resumed[name]), f"{loss} {name}"
         metrics = [json.loads(line) for line in (tmp_path / "straight" / loss / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(m["grad_norm"] > 0 for m in metrics), loss
+
+
+@pytest.mark.slow
+def test_an_async_checkpoint_holds_the_exact_state_and_resumes_bitwise(straight, tmp_path, monkeypatch):
+    """Periodic saves written by a forked process while training goes on (train.async_save): the run ends
+    with the same model, and its step-4 checkpoint (published in the background) resumes to the same end."""
+    root, final = straight
+    monkeypatch.setenv("ASYNC_SAVE", "1")
+    async_run = train(tmp_path / "async", 6, 6)
+    assert all(torch.equal(final[name], async_run[name]) for name in final)
+    published = sorted(layout.read_meta(p)["step"] for p in (tmp_path / "async").glob("iter_*") if p.is_dir())
+    assert published == [4, 6] and not list((tmp_path / "async").glob("*.tmp"))
+    resumed = tmp_path / "from_4"
+    (resumed / "iter_0000004").parent.mkdir()
+    os.rename(tmp_path / "async" / "iter_0000004", resumed / "iter_0000004")
+    for name in ("hf", "metrics.jsonl"):
+        if (tmp_path / "async" / name).exists():
+            os.rename(tmp_path / "async" / name, resumed / name)
+    (resumed / "latest").write_text("iter_0000004\n")
+    monkeypatch.delenv("ASYNC_SAVE")
+    again = train(resumed, 6, 6)
+    for name, tensor in final.items():
+        assert torch.equal(tensor, again[name]), name
