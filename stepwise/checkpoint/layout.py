@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -143,6 +144,17 @@ def verify_checksums(iteration_dir: str | Path, meta: dict, names: list[str] | N
             atomic_write_text(stamp, seen)
         except OSError:  # a read-only checkpoint: this process still remembers
             pass
+
+
+WRITER_FILE = re.compile(r"__(\d+)_\d+\.distcp")  # torch_dist names the data files of global rank N so
+
+
+def writer_rank(name: str, world_size: int) -> int:
+    """The rank that wrote the checkpoint file `name` (its data files carry the writer's rank); 0 for the
+    rest (metadata, common state), which rank 0 writes, and for a rank outside this world."""
+    found = WRITER_FILE.fullmatch(Path(name).name)
+    rank = int(found.group(1)) if found else 0
+    return rank if rank < world_size else 0
 
 
 def fsync_files(directory: str | Path, names: list[str], directories: bool = False) -> None:

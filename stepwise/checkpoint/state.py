@@ -10,7 +10,6 @@ and fails on every rank, naming the damaged file, before megatron reads a byte.
 from __future__ import annotations
 
 import random
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -101,20 +100,6 @@ def _my_files(names: list[str]) -> list[str]:
     return names[rank::world]
 
 
-WRITER_FILE = re.compile(r"__(\d+)_\d+\.distcp$")  # torch_dist: the shard files of global rank N
-
-
-def written_by(names: list[str], rank: int) -> list[str]:
-    """The files of a torch_dist checkpoint that `rank` wrote: its own `__<rank>_<k>.distcp` shards, and
-    for rank 0 (the coordinator) every other file (metadata, common state)."""
-    mine = []
-    for name in names:
-        match = WRITER_FILE.search(name)
-        if (int(match.group(1)) == rank) if match else rank == 0:
-            mine.append(name)
-    return mine
-
-
 def _flush_and_checksum(staged: Path) -> dict[str, str] | None:
     """Each rank fsyncs and checksums only the files it wrote (no rank reads another's bytes back, on
     any node); the CRC-32s are gathered on rank 0 (None elsewhere). An error on any rank is raised on all."""
@@ -122,7 +107,7 @@ def _flush_and_checksum(staged: Path) -> dict[str, str] | None:
     names = sorted(layout.file_sizes(staged))  # after the barrier every file is there, on a shared file system
     mine, problem = {}, None
     try:
-        own = written_by(names, rank)
+        own = [name for name in names if layout.writer_rank(name, world) == rank]
         layout.fsync_files(staged, own, directories=rank == 0)
         mine = layout.file_checksums(staged, own)
     except OSError as error:

@@ -6,16 +6,21 @@ global tensor per key with the layer index as a prepended axis, and the local sp
 Transformer Engine names (`self_attention.linear_qkv.layer_norm_weight`), so a checkpoint loads into
 either spec at any TP/PP. Writing resolves each tensor lazily, when torch.distributed.checkpoint's
 writer asks for it, so host memory holds one tensor at a time; reading loads the tensors of one
-layer. Both need a (size-1) process group, as megatron's own save and load do.
+layer, in this process alone (no collective). Writing needs a process group, as megatron's own save
+does: with W ranks, each writes the tensors of its contiguous range of layers into its own file
+(`stepwise.convert.ranks`), the tensors stored are the same as with one, and rank 0 publishes.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from stepwise.convert import ranks
 
 LAYERS = "decoder.layers."
 # the local spec stores its norms under the names TE's fused layernorm-linear modules use
@@ -30,6 +35,15 @@ def locate(name: str) -> tuple[str, int | None]:
         return name, None
     index, rest = name[len(LAYERS):].split(".", 1)
     return LAYERS + NORM_KEYS.get(rest, rest), int(index)
+
+
+def layer_group(name: str, num_layers: int) -> int:
+    """Where `name` sits in reading and splitting order: 0 the embedding, 1 + i decoder layer i,
+    num_layers + 1 the rest (final norm, output layer, value head)."""
+    key, layer = locate(name)
+    if layer is not None:
+        return layer + 1
+    return 0 if key.startswith("embedding.") else num_layers + 1
 
 
 def sharded_tensor(name: str, data: torch.Tensor, num_layers: int):
@@ -68,9 +82,8 @@ def load_tensors(iteration_dir: Path, wanted: dict[str, tuple[tuple[int, ...], t
                  prefix: str = ""):
     """{megatron name: tensor} for `wanted` {name: (shape of this name's slice, dtype)}, stored under
     `prefix` + key (NeMo's `module.`); reads those bytes only, through megatron's torch_dist load
-    strategy (not `dist_checkpointing.load`, which would also unpickle the checkpoint's common.pt)."""
+    planner (not `dist_checkpointing.load`, which would also unpickle the checkpoint's common.pt)."""
     from megatron.core.dist_checkpointing import ShardedTensor
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
     templates = {}
     for name, (shape, dtype) in wanted.items():
@@ -80,26 +93,77 @@ def load_tensors(iteration_dir: Path, wanted: dict[str, tuple[tuple[int, ...], t
         else:  # one [1, ...] block of the [layers, ...] tensor (a prepended axis would claim every layer locally)
             templates[name] = ShardedTensor.from_rank_offsets(prefix + key, torch.empty((1, *shape), dtype=dtype),
                                                               (0, layer, num_layers), replica_id=0)
-    loaded = TorchDistLoadShardedStrategy().load(templates, Path(iteration_dir))
+    loaded = _read_alone(templates, Path(iteration_dir))
     return {name: tensor if locate(name)[1] is None else tensor[0] for name, tensor in loaded.items()}
+
+
+def _read_alone(templates: dict, directory: Path) -> dict:
+    """{name: tensor} of flat `templates` {name: ShardedTensor}, read by megatron's torch_dist planner
+    in this process alone (`no_dist`): ranks converting different layers read at their own pace."""
+    from megatron.core.dist_checkpointing.strategies.torch import (MCoreLoadPlanner,
+                                                                   _replace_sharded_keys_with_state_dict_keys,
+                                                                   _replace_state_dict_keys_with_sharded_keys,
+                                                                   _unwrap_pyt_sharded_tensor, mcore_to_pyt_state_dict)
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+
+    by_key, flat_mapping, rename_mapping = _replace_state_dict_keys_with_sharded_keys(templates)
+    state = mcore_to_pyt_state_dict(by_key, True)
+    with warnings.catch_warnings():  # torch warns that no_dist means "a single process": that is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp_load(state, storage_reader=FileSystemReader(str(directory)), planner=MCoreLoadPlanner(), no_dist=True)
+    unwrapped = {key: _unwrap_pyt_sharded_tensor(value) for key, value in state.items()}
+    return _replace_sharded_keys_with_state_dict_keys(unwrapped, flat_mapping, rename_mapping)
 
 
 def publish_streamed(entries: list[Entry], num_layers: int, out_dir: Path, meta: dict, desc: str,
                      progress: bool = True) -> None:
     """Write `entries` as iteration 0 of the model-only checkpoint `out_dir`: staged, fsynced, then
-    published with `meta` (a conversion's source, dtype, family, model_kind), with a progress bar."""
+    published with `meta` (a conversion's source, dtype, family, model_kind), with a progress bar.
+
+    Collective over the default process group: every rank passes the same `entries` and writes its
+    share (`rank_share`); each checksums the files it wrote, and rank 0 publishes."""
     from tqdm import tqdm
 
     from stepwise.checkpoint import layout
     from stepwise.parallel.runtime import init_parallel
 
     init_parallel(1, 1)
-    bar = tqdm(total=len(entries), desc=desc, unit="tensor", disable=not progress)
-    staged = layout.staging_dir(out_dir, 0)
-    save_streamed(entries, num_layers, staged, on_tensor=lambda n: bar.update())
+    rank, world_size = ranks.world()
+    mine = rank_share(entries, num_layers, rank, world_size)
+    staged = ranks.on_rank_zero(lambda: layout.staging_dir(out_dir, 0))
+    bar = tqdm(total=len(mine), desc=desc, unit="tensor", disable=not progress or rank != 0)
+    save_streamed(mine, num_layers, staged, on_tensor=lambda n: bar.update())
     bar.close()
-    layout.fsync_tree(staged)
-    layout.publish(out_dir, 0, {"step": 0, "saved_at": time.time(), "has_optimizer": False, "tp": 1, "pp": 1, **meta})
+    checksums = _checksum_own_files(staged, rank, world_size)
+
+    def publish():
+        layout.fsync_tree(staged)  # the data files are already synced by their writers (FileSystemWriter)
+        layout.publish(out_dir, 0, {"step": 0, "saved_at": time.time(), "has_optimizer": False, "tp": 1, "pp": 1,
+                                    **meta}, checksums)
+
+    ranks.on_rank_zero(publish)
+
+
+def rank_share(entries: list[Entry], num_layers: int, rank: int, world_size: int) -> list[Entry]:
+    """The entries rank `rank` of `world_size` writes: a contiguous run of reading groups (embedding,
+    layers, rest) balanced by bytes; all of them for one rank."""
+    weights = [0] * (num_layers + 2)
+    for entry in entries:
+        weights[layer_group(entry.name, num_layers)] += torch.Size(entry.shape).numel() * entry.dtype.itemsize
+    owners = ranks.contiguous_split(weights, world_size)
+    return [entry for entry in entries if owners[layer_group(entry.name, num_layers)] == rank]
+
+
+def _checksum_own_files(staged: Path, rank: int, world_size: int) -> dict[str, str]:
+    """Collective: {file: CRC-32} of every file in `staged`, each file read by the rank that wrote it."""
+    from stepwise.checkpoint import layout
+
+    own = [name for name in layout.file_sizes(staged) if layout.writer_rank(name, world_size) == rank]
+    merged: dict[str, str] = {}
+    for part in ranks.gather(layout.file_checksums(staged, own)):
+        merged.update(part)
+    return merged
 
 
 @dataclass(frozen=True)

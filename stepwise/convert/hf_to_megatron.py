@@ -4,7 +4,9 @@ Tensors are read one at a time (`safe_open`) and written as the checkpoint write
 host memory holds a few tensors, not the model; no megatron model is built. The checkpoint stores
 global shapes (loads at any TP/PP), keeps the source dtype in the files unless `dtype` is given, and
 keeps config.json + tokenizer files in `OUT/hf/` so the way back needs nothing else. Missing,
-unknown or unused keys are errors naming the key.
+unknown or unused keys are errors naming the key. Called on every rank of a launched step, each rank
+converts a contiguous range of layers into its own file of the checkpoint (the stored tensors are
+those of a one-process conversion) and rank 0 publishes it (`dist_io.publish_streamed`).
 
     python conversion/hf_to_megatron.py --hf DIR --out DIR [--dtype float32|bfloat16|float16]
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from stepwise.checkpoint import layout
-from stepwise.convert import dist_io
+from stepwise.convert import dist_io, ranks
 from stepwise.convert.hf_io import HFSource, common_dtype
 from stepwise.convert.mapping import MappingError, check_hf_keys, megatron_shape, pairs, to_megatron_tensor
 from stepwise.convert.tables import rules_for
@@ -29,12 +31,17 @@ TIED_COPY = "lm_head.weight"
 
 
 def _drop_tied_copy(source: HFSource, names: set[str], tied: bool, critic: bool) -> None:
-    """transformers may store a tied output matrix a second time; it must equal the embedding."""
+    """transformers may store a tied output matrix a second time; it must equal the embedding (rank 0
+    reads both)."""
     if not tied or critic or TIED_COPY not in names:
         return
-    output, embedding = source.read([TIED_COPY, "model.embed_tokens.weight"])
-    if not torch.equal(output, embedding):
-        raise MappingError(f"{source.dir}: tie_word_embeddings is true but {TIED_COPY} differs from the embedding")
+
+    def check():
+        output, embedding = source.read([TIED_COPY, "model.embed_tokens.weight"])
+        if not torch.equal(output, embedding):
+            raise MappingError(f"{source.dir}: tie_word_embeddings is true but {TIED_COPY} differs from the embedding")
+
+    ranks.on_rank_zero(check)
     names.discard(TIED_COPY)
 
 
@@ -53,8 +60,14 @@ def peak_rss_mb() -> float:
 
 def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
                            progress: bool = True) -> dict:
-    """Convert; returns a summary (tensors and bytes read, seconds, dtype, peak RSS)."""
+    """Convert; returns a summary (tensors and bytes read, seconds, dtype, peak RSS).
+
+    Collective when launched with several ranks (torchrun, srun): every rank calls it with the same
+    arguments; all return once the checkpoint is published."""
+    from stepwise.parallel.runtime import init_distributed
+
     began = time.perf_counter()
+    init_distributed()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     arch = arch_from_hf(hf_dir)
     source = HFSource(hf_dir)
@@ -76,10 +89,10 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: str |
     dist_io.publish_streamed(entries, arch.num_layers, out_dir, {"source": str(hf_dir), "dtype": dtype, "family": arch.family,
                                                                 "model_kind": "critic" if critic else "policy"},
                              "hf -> megatron", progress)
-    layout.save_hf_metadata(out_dir, load_hf_config(hf_dir), hf_dir)
+    ranks.on_rank_zero(lambda: layout.save_hf_metadata(out_dir, load_hf_config(hf_dir), hf_dir))
     return {"tensors": len(names), "bytes": sum(source.nbytes(n) for n in names),
             "seconds": round(time.perf_counter() - began, 2), "dtype": dtype, "peak_rss_mb": peak_rss_mb(),
-            "out": str(out_dir)}
+            "out": str(out_dir), "ranks": ranks.world()[1]}
 
 
 def main(argv: list[str] | None = None) -> int:

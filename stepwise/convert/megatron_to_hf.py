@@ -8,6 +8,12 @@ straight into its shard, so host memory holds about one layer. Config and tokeni
 checkpoint's `hf/` directory, or from `--hf-template DIR`. `--part value_network` exports the separate
 value network of a DQO / DRO checkpoint (as a critic) instead of its policy.
 
+Called on every rank of a launched step, the export's files (planned as for one process) are split
+over the ranks in contiguous runs, so each rank reads a contiguous range of layers and writes whole
+files; each rank checks the CRC-32s of a share of the checkpoint's files; rank 0 writes config.json,
+generation_config.json and, last, the index. File names and bytes do not depend on the number of
+ranks; the file is the grain of the split (`--max-shard-size`: a one-file export uses one rank).
+
     python conversion/megatron_to_hf.py --ckpt DIR --out DIR [--hf-template DIR] [--dtype D] [--max-shard-size 5GB]
                                         [--part model|value_network]
 """
@@ -20,15 +26,17 @@ import time
 from pathlib import Path
 
 from stepwise.checkpoint import layout
-from stepwise.convert import dist_io
+from stepwise.convert import dist_io, ranks
 from stepwise.convert.hf_to_megatron import peak_rss_mb
 from stepwise.convert.mapping import MappingError, hf_shapes, pairs, to_hf_tensors
-from stepwise.convert.safetensors_out import DEFAULT_MAX_SHARD_SIZE, TensorSpec, write_sharded
+from stepwise.convert.safetensors_out import (DEFAULT_MAX_SHARD_SIZE, ShardPlan, TensorSpec, begin_export,
+                                              finish_export, plan_files, write_files)
 from stepwise.convert.tables import rules_for
 from stepwise.data.jsonl import atomic_write_json
 from stepwise.models.builder import DTYPES
 from stepwise.models.hf_config import arch_from_hf_dict
 from stepwise.models.policy_value import VALUE_NETWORK_PREFIX, VALUE_PREFIXES
+from stepwise.parallel.agree import rank_symmetric
 
 
 # parts a causal-LM export leaves out, by the checkpoint's model_kind (DQO's value head or value network)
@@ -70,8 +78,7 @@ def _groups(triples, num_layers: int) -> list[list]:
     """(rule, hf names, megatron name) grouped for reading: the embedding, each layer, then the rest."""
     groups: list[list] = [[] for _ in range(num_layers + 2)]
     for triple in triples:
-        key, layer = dist_io.locate(triple[2])
-        groups[0 if key.startswith("embedding.") else num_layers + 1 if layer is None else layer + 1].append(triple)
+        groups[dist_io.layer_group(triple[2], num_layers)].append(triple)
     return [group for group in groups if group]
 
 
@@ -107,63 +114,111 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str
                            progress: bool = True, part: str = "model") -> dict:
     """Convert; returns a summary (tensors and bytes written, files, seconds, dtype, peak RSS).
     `part="value_network"` exports DQO's separate value network of a policy_value checkpoint instead
-    (as a critic: *ForTokenClassification), its config from `ROOT/value_network/hf`."""
-    from tqdm import tqdm
+    (as a critic: *ForTokenClassification), its config from `ROOT/value_network/hf`.
 
+    Collective when launched with several ranks (torchrun, srun): every rank calls it with the same
+    arguments and writes its share of the files; all return once the export is complete."""
     from stepwise.parallel.runtime import init_parallel
 
     began = time.perf_counter()
     out_dir = Path(out_dir)
     if part not in ("model", "value_network"):
         raise ValueError(f"part {part!r} is not 'model' or 'value_network'")
-    prefix = "" if part == "model" else VALUE_NETWORK_PREFIX
-    iteration = layout.resolve(ckpt_dir)
-    meta = layout.read_meta(iteration)
-    hf_meta = Path(hf_template) if hf_template else layout.hf_metadata_dir(iteration.parent / part if prefix else ckpt_dir)
-    hf_config = json.loads((hf_meta / "config.json").read_text())
-    arch = arch_from_hf_dict(hf_config, source=str(hf_meta / "config.json"))
-    layout.verify_files(iteration, meta)
-    layout.verify_checksums(iteration, meta)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    dtype = dtype or saved_dtype(meta, hf_config)
-    critic = meta.get("model_kind") == "critic" or bool(prefix)
-    triples = pairs(rules_for(arch, value_head=critic), arch)
-    stored = {key[len(prefix):]: value for key, value in dist_io.stored_tensors(iteration).items()
-              if key.startswith(prefix)}
-    if not stored:
-        raise MappingError(f"{iteration}: no tensors under '{prefix}' (not a checkpoint with a separate value network)")
-    dropped = () if prefix else DROPPED_HEADS.get(meta.get("model_kind"), ())
-    check_stored_keys(triples, stored, iteration, arch.num_layers, dropped)
+    init_parallel(1, 1)
+    source = _Source(ckpt_dir, part, hf_template)
+    dtype = dtype or saved_dtype(source.meta, source.hf_config)
+    groups = _groups(source.triples, source.arch.num_layers)
+    plan = plan_files([TensorSpec(hf_name, shape, DTYPES[dtype]) for group in groups for triple in group
+                       for hf_name, shape in source.hf_specs(triple)], max_shard_size)
+    rank, world_size = ranks.world()
+    mine = _files_of(plan, rank, world_size)
+    wanted = {spec.name for index in mine for spec in plan.shards[index]}
 
-    def slice_of(name):  # (shape, dtype) of this name's part of its stored tensor
+    def begin():  # config first: an interrupted export then fails to load
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(out_dir, source.hf_meta, source.hf_config, dtype, source.critic)
+        begin_export(out_dir)
+
+    ranks.on_rank_zero(begin)
+    with rank_symmetric():
+        tensors = source.tensors(groups, wanted, DTYPES[dtype], progress and rank == 0)
+        written = write_files(plan, mine, tensors, out_dir)
+    every = ranks.gather(written)
+    finished = ranks.on_rank_zero(lambda: _finish(plan, every, out_dir))
+    return {"tensors": len(plan.weight_map), "bytes": finished["bytes"], "files": len(finished["files"]),
+            "dropped": sorted(key for key in source.stored if key.startswith(source.dropped)),
+            "seconds": round(time.perf_counter() - began, 2), "dtype": dtype, "peak_rss_mb": peak_rss_mb(),
+            "out": str(out_dir), "ranks": world_size, "rank_files": len(mine)}
+
+
+def _files_of(plan: ShardPlan, rank: int, world_size: int) -> list[int]:
+    """The plan's files rank `rank` writes: a contiguous run, the runs balanced by bytes."""
+    owners = ranks.contiguous_split([sum(spec.nbytes for spec in shard) for shard in plan.shards], world_size)
+    return [index for index, owner in enumerate(owners) if owner == rank]
+
+
+def _finish(plan: ShardPlan, written: list[dict[str, str]], out_dir: Path) -> dict:
+    """(Rank 0, with every rank's {tensor: file}.) Check that the ranks wrote the plan, then the index."""
+    merged = {name: file for part in written for name, file in part.items()}
+    if merged != plan.weight_map:
+        missing = sorted(set(plan.weight_map) - set(merged))
+        raise RuntimeError(f"{out_dir}: the ranks did not write the planned export (missing {missing[:5]})")
+    return finish_export(plan, out_dir)
+
+
+class _Source:
+    """A checkpoint's part to export: its meta, HF config and arch, the mapping rules and the stored
+    tensors' shapes; checked (files, this rank's share of the CRC-32s, keys) on construction."""
+
+    def __init__(self, ckpt_dir: str | Path, part: str, hf_template: str | Path | None):
+        self.prefix = "" if part == "model" else VALUE_NETWORK_PREFIX
+        self.iteration = layout.resolve(ckpt_dir)
+        self.meta = layout.read_meta(self.iteration)
+        self.hf_meta = (Path(hf_template) if hf_template
+                        else layout.hf_metadata_dir(self.iteration.parent / part if self.prefix else ckpt_dir))
+        self.hf_config = json.loads((self.hf_meta / "config.json").read_text())
+        self.arch = arch_from_hf_dict(self.hf_config, source=str(self.hf_meta / "config.json"))
+        layout.verify_files(self.iteration, self.meta)
+        ranks.verify_checksum_share(self.iteration, self.meta)
+        self.critic = self.meta.get("model_kind") == "critic" or bool(self.prefix)
+        self.triples = pairs(rules_for(self.arch, value_head=self.critic), self.arch)
+        self.stored = {key[len(self.prefix):]: value for key, value in dist_io.stored_tensors(self.iteration).items()
+                       if key.startswith(self.prefix)}
+        if not self.stored:
+            raise MappingError(f"{self.iteration}: no tensors under '{self.prefix}' "
+                               "(not a checkpoint with a separate value network)")
+        self.dropped = () if self.prefix else DROPPED_HEADS.get(self.meta.get("model_kind"), ())
+        check_stored_keys(self.triples, self.stored, self.iteration, self.arch.num_layers, self.dropped)
+
+    def slice_of(self, name: str):
+        """(shape, dtype) of this megatron name's part of its stored tensor."""
         key, layer = dist_io.locate(name)
-        shape, stored_dtype = stored[key]
+        shape, stored_dtype = self.stored[key]
         return (shape if layer is None else shape[1:]), stored_dtype
 
-    groups = _groups(triples, arch.num_layers)
-    specs = [TensorSpec(hf_name, shape, DTYPES[dtype]) for group in groups for rule, hf_names, name in group
-             for hf_name, shape in zip(hf_names, hf_shapes(rule, slice_of(name)[0], arch))]
-    init_parallel(1, 1)
+    def hf_specs(self, triple) -> list[tuple[str, tuple[int, ...]]]:
+        """(HF name, shape) of each HF tensor one (rule, hf names, megatron name) makes."""
+        rule, hf_names, name = triple
+        return list(zip(hf_names, hf_shapes(rule, self.slice_of(name)[0], self.arch)))
 
-    def tensors():
+    def tensors(self, groups: list[list], wanted: set[str], dtype, progress: bool):
+        """(HF name, tensor) of the `wanted` HF tensors in plan order, reading one group at a time
+        and, of it, only the megatron tensors that make a wanted one."""
+        from tqdm import tqdm
+
         bar = tqdm(total=len(groups), desc="megatron -> hf", unit="layer", disable=not progress)
         for group in groups:
-            loaded = dist_io.load_tensors(iteration, {name: slice_of(name) for _, _, name in group}, arch.num_layers,
-                                          prefix)
-            for rule, hf_names, name in group:
-                for hf_name, tensor in zip(hf_names, to_hf_tensors(rule, loaded.pop(name), arch)):
-                    yield hf_name, tensor.to(DTYPES[dtype])
+            needed = [triple for triple in group if wanted.intersection(triple[1])]
+            loaded = dist_io.load_tensors(self.iteration, {name: self.slice_of(name) for _, _, name in needed},
+                                          self.arch.num_layers, self.prefix) if needed else {}
+            for rule, hf_names, name in needed:
+                for hf_name, tensor in zip(hf_names, to_hf_tensors(rule, loaded.pop(name), self.arch)):
+                    if hf_name in wanted:
+                        yield hf_name, tensor.to(dtype)
             bar.update()
         bar.close()
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(out_dir, hf_meta, hf_config, dtype, critic)  # first: an interrupted export then fails to load
-    written = write_sharded(specs, tensors(), out_dir, max_shard_size)
-    return {"tensors": len(specs), "bytes": written["bytes"], "files": len(written["files"]),
-            "dropped": sorted(key for key in stored if key.startswith(dropped)),
-            "seconds": round(time.perf_counter() - began, 2), "dtype": dtype, "peak_rss_mb": peak_rss_mb(),
-            "out": str(out_dir)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from stepwise.checkpoint import layout
-from stepwise.convert import dist_io
+from stepwise.convert import dist_io, ranks
 from stepwise.convert.hf_io import common_dtype
 from stepwise.convert.hf_to_megatron import peak_rss_mb
 from stepwise.convert.mapping import MappingError, megatron_shape, pairs, to_hf_tensors, to_megatron_tensor
@@ -125,7 +125,7 @@ def import_nemo2(nemo_dir: str | Path, out_dir: str | Path, dtype: str | None = 
     dist_io.publish_streamed(entries, arch.num_layers, out_dir, {"source": str(nemo_dir), "dtype": dtype,
                                                                 "family": arch.family, "model_kind": "policy"},
                              "nemo -> megatron", progress)
-    layout.save_hf_metadata(out_dir, hf_config, tokenizer)
+    ranks.on_rank_zero(lambda: layout.save_hf_metadata(out_dir, hf_config, tokenizer))
     return {"tensors": len(entries), "bytes": nbytes, "seconds": round(time.perf_counter() - began, 2),
             "dtype": dtype, "family": arch.family, "tokenizer": str(tokenizer) if tokenizer else None,
             "from_nemo_over_template": overridden, "peak_rss_mb": peak_rss_mb(), "out": str(out_dir)}

@@ -93,27 +93,68 @@ def _write_shard(path: Path, shard: list[TensorSpec], tensors: Iterator[tuple[st
         raise
 
 
-def write_sharded(specs: list[TensorSpec], tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path,
-                  max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> dict:
-    """Write `tensors` (yielded in the order of `specs`) into `out_dir`; returns files and bytes."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class ShardPlan:
+    """An export's files: their names and the tensors of each, in order (the same for any number of
+    writers, so a split export has the file names and bytes of a one-process one)."""
+
+    names: list[str]
+    shards: list[list[TensorSpec]]
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {spec.name: name for name, shard in zip(self.names, self.shards) for spec in shard}
+
+    @property
+    def entry_points(self) -> set[str]:
+        """What transformers opens first: the index of a sharded export, else its one file."""
+        return {INDEX} if len(self.names) > 1 else set(self.names)
+
+
+def plan_files(specs: list[TensorSpec], max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> ShardPlan:
     shards = plan_shards(specs, parse_size(max_shard_size))
     count = len(shards)
     names = (["model.safetensors"] if count == 1
              else [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)])
+    return ShardPlan(names, shards)
+
+
+def begin_export(out_dir: Path) -> None:
+    """Before any shard: remove an earlier export's entry points, so an interrupted one fails to load."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     for entry_point in (out_dir / INDEX, out_dir / "model.safetensors"):
         entry_point.unlink(missing_ok=True)
-    for name, shard in zip(names, shards):
-        _write_shard(out_dir / name, shard, tensors)
+
+
+def write_files(plan: ShardPlan, indices: list[int], tensors: Iterator[tuple[str, torch.Tensor]],
+                out_dir: Path) -> dict[str, str]:
+    """Write the plan's files `indices` from `tensors` (yielded in their order); returns their
+    {tensor name: file name}."""
+    for index in indices:
+        _write_shard(out_dir / plan.names[index], plan.shards[index], tensors)
     if next(tensors, None) is not None:
         raise ValueError("more tensors than planned")
-    total = sum(spec.nbytes for spec in specs)
-    if count > 1:
-        weight_map = {spec.name: name for name, shard in zip(names, shards) for spec in shard}
-        atomic_write_json(out_dir / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    keep = set(names) | ({INDEX} if count > 1 else set())
+    return {spec.name: plan.names[index] for index in indices for spec in plan.shards[index]}
+
+
+def finish_export(plan: ShardPlan, out_dir: Path) -> dict:
+    """After every shard: the index (last: the export now loads), then an earlier export's unused
+    shards removed; returns files and bytes."""
+    total = sum(spec.nbytes for shard in plan.shards for spec in shard)
+    if len(plan.names) > 1:
+        atomic_write_json(out_dir / INDEX, {"metadata": {"total_size": total}, "weight_map": plan.weight_map})
+    keep = set(plan.names) | plan.entry_points
     for stale in out_dir.iterdir():
         if STALE.fullmatch(stale.name) and stale.name not in keep:
             stale.unlink()
     _fsync_dir(out_dir)
-    return {"files": names, "bytes": total}
+    return {"files": plan.names, "bytes": total}
+
+
+def write_sharded(specs: list[TensorSpec], tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path,
+                  max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> dict:
+    """Write `tensors` (yielded in the order of `specs`) into `out_dir`; returns files and bytes."""
+    plan = plan_files(specs, max_shard_size)
+    begin_export(out_dir)
+    write_files(plan, list(range(len(plan.names))), tensors, out_dir)
+    return finish_export(plan, out_dir)

@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +32,12 @@ def single_worker(ctx: StageContext) -> ParallelConfig:
     return ParallelConfig(nproc_per_node=1, nnodes=1, launcher=ctx.config.parallel.launcher)
 
 
+def all_workers(ctx: StageContext) -> ParallelConfig:
+    """Every worker of the recipe's layout, on every node: conversions split by layer range."""
+    layout = ctx.config.parallel
+    return ParallelConfig(nproc_per_node=layout.nproc_per_node, nnodes=layout.nnodes, launcher=layout.launcher)
+
+
 def replicas(ctx: StageContext) -> ParallelConfig:
     """Data-parallel sampling on every node of the recipe's layout: one replica per worker (HF backend), or
     one per tensor-parallel group of `sampling.tensor_parallel_size` GPUs (vLLM, which starts its own TP
@@ -40,7 +47,7 @@ def replicas(ctx: StageContext) -> ParallelConfig:
     if layout.nproc_per_node % group:
         raise ValueError(f"sampling.tensor_parallel_size={group} does not divide parallel.nproc_per_node="
                          f"{layout.nproc_per_node}: a sampler replica must sit on one node")
-    return ParallelConfig(nproc_per_node=layout.nproc_per_node // group, nnodes=layout.nnodes, launcher=layout.launcher)
+    return replace(all_workers(ctx), nproc_per_node=layout.nproc_per_node // group)
 
 
 def in_step(ctx: StageContext, function: Callable, layout: ParallelConfig | None = None, **kwargs) -> dict:

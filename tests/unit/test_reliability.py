@@ -13,7 +13,7 @@ import pytest
 
 from stepwise.checkpoint import layout
 from stepwise.checkpoint.retention import prune, steps_to_delete
-from stepwise.checkpoint.state import load_checkpoint, written_by
+from stepwise.checkpoint.state import load_checkpoint
 from stepwise.parallel import inject
 from stepwise.train.guard import REQUEUE_EXIT_CODE, Requeue, StopGuard, deadline_near
 
@@ -107,9 +107,12 @@ def test_a_checkpoint_is_verified_once_across_processes_until_a_file_changes(tmp
 
 def test_each_rank_flushes_and_checksums_only_the_files_it_wrote():
     names = ["__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__12_0.distcp", ".metadata", "common.pt", "metadata.json"]
-    assert written_by(names, 0) == ["__0_0.distcp", "__0_1.distcp", ".metadata", "common.pt", "metadata.json"]
-    assert written_by(names, 1) == ["__1_0.distcp"] and written_by(names, 12) == ["__12_0.distcp"]
-    assert written_by(names, 2) == []
+
+    def written_by(rank):
+        return [name for name in names if layout.writer_rank(name, 16) == rank]
+
+    assert written_by(0) == ["__0_0.distcp", "__0_1.distcp", ".metadata", "common.pt", "metadata.json"]
+    assert written_by(1) == ["__1_0.distcp"] and written_by(12) == ["__12_0.distcp"] and written_by(2) == []
 
 
 def test_retention_keeps_the_last_k_every_mth_and_latest():

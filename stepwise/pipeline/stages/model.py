@@ -7,7 +7,7 @@ from stepwise import losses
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.launch import launch
 from stepwise.pipeline.registry import stage
-from stepwise.pipeline.step import in_step
+from stepwise.pipeline.step import all_workers, in_step
 from stepwise.pipeline.stages.data import tokenizer_dir
 
 
@@ -15,13 +15,13 @@ from stepwise.pipeline.stages.data import tokenizer_dir
        config_keys=("model.path", "model.hf_config", "model.dtype", "run.seed", "skywork_dapo.critic_init",
                     "dqo_data.value_init"))
 def init_model(ctx: StageContext) -> dict:
-    return in_step(ctx, convert_starting_models)
+    return in_step(ctx, convert_starting_models, all_workers(ctx))
 
 
 def convert_starting_models(ctx: StageContext) -> dict:
-    """(In a launched step.) The starting models as megatron checkpoints: pi0's (from `model.path`, or
-    randomly initialised from `model.hf_config`) and the critic's / value network's when they start
-    from other models."""
+    """(In a launched step; every worker converts a range of layers.) The starting models as megatron
+    checkpoints: pi0's (from `model.path`, or randomly initialised from `model.hf_config` by rank 0) and
+    the critic's / value network's when they start from other models."""
     from stepwise.convert.hf_to_megatron import convert_hf_to_megatron
     from stepwise.models.init import random_hf_model
     from stepwise.tasks.tokenizer import load_tokenizer
@@ -29,8 +29,11 @@ def convert_starting_models(ctx: StageContext) -> dict:
     out = ctx.dir("init")
     source = ctx.config.model.path
     if source is None:
-        tokenizer = load_tokenizer(tokenizer_dir(ctx))
-        source = random_hf_model(ctx.config.model.hf_config, tokenizer, out / "hf", ctx.config.run.seed)
+        source = out / "hf"
+        if ctx.rank == 0:
+            tokenizer = load_tokenizer(tokenizer_dir(ctx))
+            random_hf_model(ctx.config.model.hf_config, tokenizer, source, ctx.config.run.seed)
+        ctx.barrier()
     convert_hf_to_megatron(source, out / "megatron", dtype=ctx.config.model.dtype)
     summary = {"hf": str(source), "megatron": str(out / "megatron")}
     # other starting models (their trunks; value heads start fresh): Skywork DAPO's critic, DQO's value network
@@ -107,8 +110,9 @@ def export(ctx: StageContext) -> dict:
 
 
 def export_checkpoint(ctx: StageContext, checkpoints: str | Path, out: str | Path, **options) -> None:
-    """Megatron checkpoint -> HF directory, in a launched step (options: `megatron_to_hf`'s)."""
-    in_step(ctx, convert_to_hf, checkpoints=str(checkpoints), out=str(out), **options)
+    """Megatron checkpoint -> HF directory, in a launched step whose workers write the shard files
+    between them (options: `megatron_to_hf`'s)."""
+    in_step(ctx, convert_to_hf, all_workers(ctx), checkpoints=str(checkpoints), out=str(out), **options)
 
 
 def convert_to_hf(ctx: StageContext, checkpoints: str, out: str, **options) -> dict:
