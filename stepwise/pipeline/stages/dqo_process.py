@@ -31,7 +31,7 @@ from stepwise.data.jsonl import read_jsonl, write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.model import base_policy
-from stepwise.pipeline.step import in_step
+from stepwise.pipeline.step import in_step, replicas
 
 
 def sample_key(prompt: str, response: str) -> str:
@@ -117,8 +117,11 @@ def _prefix_id(text: str) -> str:
 
 
 def _run_search(ctx: StageContext, failed: dict[str, dict]) -> tuple[dict[str, int], dict]:
-    """i* of every failed response by rounds of prefix rollouts; returns (i* per key, counters)."""
-    from stepwise.sampling import make_sampler, read_shards, sample_to_shards
+    """i* of every failed response by rounds of prefix rollouts; returns (i* per key, counters). Each round's
+    rollouts are sampled on the replicas (each its shards), then every rank reads them all and takes the
+    same (deterministic) next step of the search."""
+    from stepwise.pipeline.stages.sampling import make_replica
+    from stepwise.sampling import read_shards, sample_to_shards
     from stepwise.tasks.grading import grade
 
     config, data = ctx.config, ctx.config.dqo_data
@@ -136,10 +139,11 @@ def _run_search(ctx: StageContext, failed: dict[str, dict]) -> tuple[dict[str, i
             records.setdefault(_prefix_id(prompt), {"prefix_id": _prefix_id(prompt), "prompt": prompt,
                                                     "prefix": prefix, "answer": failed[key]["answer"]})
         if sampler is None:
-            sampler = make_sampler(config.sampling.backend, base_policy(ctx)[1], batch_size=config.sampling.batch_size)
+            sampler = make_replica(ctx, base_policy(ctx)[1], config.sampling.batch_size)
         out = ctx.dir("dqo_process") / f"round_{counters['rounds']:03d}"
         sample_to_shards(sampler, list(records.values()), "prompt", params, out, shard_size=config.sampling.shard_size,
-                         desc=f"dqo_process round {counters['rounds']}")
+                         desc=f"dqo_process round {counters['rounds']}", rank=ctx.rank, world_size=ctx.world_size)
+        ctx.barrier()
         ok: dict[str, bool] = {}
         for sample in read_shards(out):
             ok[sample["prefix_id"]] = ok.get(sample["prefix_id"], False) or bool(
@@ -159,11 +163,11 @@ def _run_search(ctx: StageContext, failed: dict[str, dict]) -> tuple[dict[str, i
 def dqo_process(ctx: StageContext) -> dict:
     """Per unique (prompt, response) of `dqo_sample`: its segments and their process rewards (off:
     nothing is written and `dqo_datasets` uses outcome rewards only)."""
-    return in_step(ctx, score_processes)
+    return in_step(ctx, score_processes, replicas(ctx))
 
 
 def score_processes(ctx: StageContext) -> dict:
-    """(In a launched step, one worker.) The prefix search of `dqo_process`."""
+    """(In a launched step, on the sampling replicas.) The prefix search of `dqo_process`; rank 0 writes."""
     data = ctx.config.dqo_data
     if not data.process_scores:
         return {"enabled": False}
@@ -180,7 +184,8 @@ def score_processes(ctx: StageContext) -> dict:
         rewards = step_rewards(n, r["correct"], good.get(key, 0)) if n else []
         rows.append({"key": key, "segments": r["segments"], "good_prefix": n if r["correct"] else good.get(key, 0),
                      "step_rewards": rewards})
-    write_jsonl(ctx.dir("dqo_process") / "process.jsonl", rows)
+    if ctx.rank == 0:
+        write_jsonl(ctx.dir("dqo_process") / "process.jsonl", rows)
     fractions = [good[key] / len(r["segments"]) for key, r in failed.items()]
     return {"enabled": True, "responses": len(unique), "failed": len(failed), **counters,
             "failed_with_good_prefix": sum(good[key] > 0 for key in failed),
