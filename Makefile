@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/stepwise run recipes/tiny/skywork_dapo_arith.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=40
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow and not slurm"

@@ -1,13 +1,15 @@
 """The headline script on two nodes: `sbatch -N 2 slurm/dapo_qwen72b.sh recipes/tiny/smoke_2nodes.yaml` runs
 the whole Skywork DAPO pipeline with the driver in the batch step on node1 and every stage's workers as srun
 steps (training at TP 2 across node1 and node2, the critic at PP 2 across them, sampling, grading and
-completion on two replicas, one per node); then the same with USR1 sent to the batch shell during policy
-training: the workers save, the job requeues itself, the rerun resumes inside the policy stage, and every
-output equals the uninterrupted run's byte for byte."""
+completion on two replicas, one per node); then the same run from the policy stage on (its directory a copy
+of the first run's up to the advantage stage), with USR1 sent to the batch shell during policy training:
+the workers save, the job requeues itself, the rerun resumes inside the policy stage, and the exported
+policy and its evaluation equal the uninterrupted run's byte for byte."""
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -19,9 +21,11 @@ from tests.slurm.test_local_slurm import job_fields, read_log, submit_and_wait
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = "recipes/tiny/smoke_2nodes.yaml"
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-# what the pipeline writes that must not depend on an interruption (timings and paths aside)
-OUTPUTS = ("grade/graded.jsonl", "complete/completions.jsonl", "complete/mc.jsonl", "advantage/actions.jsonl",
-           "dapo_eval/iteration_1/model.safetensors", "dapo_eval/iteration_1.graded.jsonl", "eval/base.graded.jsonl")
+# the stages the interrupted run does again (the others it takes from the uninterrupted run's directory)
+REDONE = ("policy", "dapo_eval", "rs", "report", "report.*", ".steps", ".launch")
+# what they write that must not depend on an interruption (timings and paths aside)
+OUTPUTS = ("dapo_eval/iteration_1/model.safetensors", "dapo_eval/iteration_1/config.json",
+           "dapo_eval/iteration_1.graded.jsonl")
 
 
 def submit(run_dir: Path, output: Path, env: dict) -> str:
@@ -45,11 +49,14 @@ def wait_for_policy_training(run_dir: Path, job_id: str, env: dict, timeout: flo
 
 
 def _poll(job_id: str, env: dict, timeout: float) -> dict:
+    """Until the job ends; a requeued job is started at once instead of after Slurm's requeue delay."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         fields = job_fields(job_id, env)
         if fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return fields
+        if fields.get("JobState") == "PENDING" and fields.get("Reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=False)
         time.sleep(3)
     subprocess.run(["scancel", job_id], env=env)
     return job_fields(job_id, env)
@@ -71,7 +78,12 @@ def test_headline_script_runs_the_pipeline_on_two_nodes_and_a_requeue_changes_no
     summary = json.loads((straight / "report.json").read_text())["stages"]
     assert summary["policy"]["final"]["step"] == 60 and summary["sample"]["problems"] == 8
 
+    # the same run again from the policy stage on (a run directory moves: its manifests are relative)
     interrupted, interrupted_log = tmp_path / "interrupted", tmp_path / "interrupted.out"
+    shutil.copytree(straight, interrupted)
+    for name in REDONE:
+        for path in interrupted.glob(name):  # top level only
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     job_id = submit(interrupted, interrupted_log, env)
     wait_for_policy_training(interrupted, job_id, env)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
