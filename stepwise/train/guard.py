@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 
-from stepwise.parallel.agree import agree_max
 
 REQUEUE_EXIT_CODE = 75
 REQUEUE_MARKER_ENV = "STEPWISE_REQUEUE_MARKER"  # file the launcher watches: torchrun turns 75 into 1
@@ -100,5 +99,7 @@ class StopGuard:
 
     def agreed_reason(self) -> str | None:
         """Collective, once per step on every rank: why the run must stop now, or None."""
+        from stepwise.parallel.agree import agree_max  # here: the driver imports this module without torch
+
         code = agree_max(self._local_code())
         return _REASONS.get(code) if code else None

@@ -16,7 +16,6 @@ from stepwise.pipeline.stages.dapo_data import split_steps
 from stepwise.pipeline.stages.model import base_policy, export_checkpoint, last_metrics, reference_policy, train_section
 from stepwise.pipeline.stages.sampling import greedy_accuracy
 from stepwise.pipeline.stages.scoring import score_file, scores_of
-from stepwise.train.score import iter_scores
 from stepwise.pipeline.step import in_step
 
 CALIBRATION_BINS = 5
@@ -157,6 +156,8 @@ def write_next_states(ctx: StageContext) -> dict:
 def choose_actions(ctx: StageContext) -> dict:
     """(In a step, streamed.) Values of next states (critic, or the graded reward of a final step),
     advantages, the gap filter; the kept actions go to advantage/kept.jsonl."""
+    from stepwise.train.score import iter_scores
+
     from stepwise.tasks.grading import grade
 
     out = ctx.path("advantage")
@@ -176,6 +177,8 @@ def choose_actions(ctx: StageContext) -> dict:
 
 def write_actions(ctx: StageContext) -> dict:
     """(In a step, streamed.) advantage/actions.jsonl: the kept actions with pi_ref's log-probs."""
+    from stepwise.train.score import iter_scores
+
     out = ctx.path("advantage")
     kept = iter_jsonl(out / "kept.jsonl")
     reference = iter_scores(out / "kept_scores") if (out / "kept_scores").is_dir() else iter(())

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stepwise import losses
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.launch import launch
 from stepwise.pipeline.registry import stage
@@ -59,6 +58,8 @@ def train_section(ctx: StageContext, section: str, data: Path, init: str | Path,
             "--tokenizer", section_tokenizer(ctx, section), "--init", str(init), "--out", str(out)]
     if max_steps is not None:
         args += ["--max-steps", str(max_steps)]
+    from stepwise import losses  # here: the driver and the data steps need no torch
+
     if ctx.config.dqo_data.value_init and losses.get(getattr(ctx.config, section).loss).model_kind == "policy_value":
         args += ["--value-init", ctx.summary("init")["value"]]
     launch(ctx.config.layout_for(section), "stepwise.train.worker", args, ctx.run_dir)
