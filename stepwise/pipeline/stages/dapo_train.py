@@ -15,7 +15,7 @@ from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.dapo_data import split_steps
 from stepwise.pipeline.stages.model import base_policy, export_checkpoint, last_metrics, reference_policy, train_section
 from stepwise.pipeline.stages.sampling import greedy_accuracy
-from stepwise.pipeline.stages.scoring import score_file, scores_of
+from stepwise.pipeline.stages.scoring import score_file, scores_dir, scores_of
 from stepwise.pipeline.step import in_step
 
 CALIBRATION_BINS = 5
@@ -141,8 +141,8 @@ def write_next_states(ctx: StageContext) -> dict:
     """(In a step, streamed.) advantage/per_state.jsonl (each state's sampled first steps) and
     advantage/next.jsonl (the next states the critic values: those of actions that do not end the solution)."""
     out, count = ctx.dir("advantage"), 0
-    for stale in ("next_scores", "kept_scores"):  # scores of an earlier attempt's files
-        shutil.rmtree(out / stale, ignore_errors=True)
+    for stale in ("next.jsonl", "kept.jsonl"):  # scores of an earlier attempt's files
+        shutil.rmtree(scores_dir(out / stale), ignore_errors=True)
     with jsonl_output(out / "per_state.jsonl") as write_state, jsonl_output(out / "next.jsonl") as write_next:
         for sid, actions in _actions_per_state(ctx):
             write_state({"state_id": sid, "actions": actions})
@@ -156,12 +156,10 @@ def write_next_states(ctx: StageContext) -> dict:
 def choose_actions(ctx: StageContext) -> dict:
     """(In a step, streamed.) Values of next states (critic, or the graded reward of a final step),
     advantages, the gap filter; the kept actions go to advantage/kept.jsonl."""
-    from stepwise.train.score import iter_scores
-
     from stepwise.tasks.grading import grade
 
     out = ctx.path("advantage")
-    values = (row["values"][0] for row in iter_scores(out / "next_scores")) if (out / "next_scores").is_dir() else iter(())
+    values = (row["values"][0] for row in scores_of(out / "next.jsonl"))
     answers = {row["state_id"]: row["answer"] for row in iter_jsonl(ctx.path("segment") / "states.jsonl")}
     states, kept, gap_sum = 0, 0, 0.0
     with jsonl_output(out / "kept.jsonl") as write_kept:
@@ -177,11 +175,9 @@ def choose_actions(ctx: StageContext) -> dict:
 
 def write_actions(ctx: StageContext) -> dict:
     """(In a step, streamed.) advantage/actions.jsonl: the kept actions with pi_ref's log-probs."""
-    from stepwise.train.score import iter_scores
-
     out = ctx.path("advantage")
     kept = iter_jsonl(out / "kept.jsonl")
-    reference = iter_scores(out / "kept_scores") if (out / "kept_scores").is_dir() else iter(())
+    reference = scores_of(out / "kept.jsonl")
     states, count, positive = set(), 0, 0
     with jsonl_output(out / "actions.jsonl") as write:
         for a, r in zip(kept, reference):

@@ -15,7 +15,7 @@ from stepwise.pipeline.stages.model import section_tokenizer
 def score_file(ctx: StageContext, checkpoint: str | Path, kind: str, data: Path) -> Path:
     """Score the records of `data` (JSONL) with `checkpoint` at the layout, tokenizer and scoring micro-batch
     of the model's train section (critic or policy); returns the directory of the scores (DATA_scores/)."""
-    out = data.with_name(data.stem + "_scores")
+    out = scores_dir(data)
     shutil.rmtree(out, ignore_errors=True)
     section = "critic" if kind == "critic" else "policy"
     train = getattr(ctx.config, section)
@@ -26,8 +26,14 @@ def score_file(ctx: StageContext, checkpoint: str | Path, kind: str, data: Path)
     return out
 
 
-def scores_of(data: Path) -> list[dict]:
-    """(In a step.) The scores `score_file` wrote for `data`, in record order."""
-    from stepwise.train.score import read_scores
+def scores_dir(data: Path) -> Path:
+    """Where `score_file` writes the scores of the records in `data` (DATA_scores/)."""
+    return data.with_name(data.stem + "_scores")
 
-    return read_scores(data.with_name(data.stem + "_scores"))
+
+def scores_of(data: Path):
+    """(In a step.) The scores `score_file` wrote for `data`, streamed in record order; none when the
+    records were not scored."""
+    from stepwise.train.score import iter_scores
+
+    return iter_scores(scores_dir(data)) if scores_dir(data).is_dir() else iter(())
