@@ -3,10 +3,14 @@
 `SamplingParams` says what to sample, `Completion` is one sampled continuation, `Sampler` is the
 abstract backend (`hf` on CPU or one GPU, `vllm` on the cluster) and `make_sampler` builds one by name.
 
+A prompt is a string or a list of token ids used as given (`sampling.requests` turns either into
+model ids and a key text, in one place for every backend).
+
 Seeding contract (every backend must honour it): completion `i` of prompt `p` under `params.seed` is
-drawn from a random stream keyed by `sample_key(params.seed, p, i)` alone, so it does not depend on the
-batch size, on the other prompts in the call, on the shard the prompt sits in or on the worker that
-runs it. A vLLM backend honours it by sending each (prompt, sample index) as its own request with
+drawn from a random stream keyed by `sample_key(params.seed, key_text(p), i)` alone, where key_text
+is the string prompt or the decoding of an id prompt (`requests.encode_prompts`), so it does not
+depend on the batch size, on the other prompts in the call, on the shard the prompt sits in or on
+the worker that runs it. A vLLM backend honours it by sending each (prompt, sample index) as its own request with
 `seed=sample_key(...)`; prefix caching makes the repeated prompts cheap.
 """
 from __future__ import annotations
@@ -110,8 +114,9 @@ class Sampler(ABC):
     name: str = "abstract"
 
     @abstractmethod
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
-        """`params.n` completions for each already-templated prompt, in prompt order."""
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """`params.n` completions for each already-templated prompt (a string, or a list of token ids
+        used exactly as given), in prompt order."""
 
     def close(self) -> None:
         """Free the model and any devices or worker processes; the sampler is unusable afterwards."""

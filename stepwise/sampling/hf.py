@@ -18,6 +18,7 @@ import os
 import torch
 
 from stepwise.sampling.base import Completion, Sampler, SamplingParams, sample_key
+from stepwise.sampling.requests import Prompt, encode_prompts
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -133,17 +134,15 @@ class HFSampler(Sampler):
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
         if self.model is None:
             raise RuntimeError("HFSampler.generate called after close()")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if not prompts:
             return []
-        encoded = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        for index, ids in enumerate(encoded):
-            if not ids:
-                raise ValueError(f"prompt {index} encodes to no tokens; every prompt needs at least one")
+        requests = encode_prompts(self.tokenizer, prompts)
+        encoded = [request.ids for request in requests]
         # Longest prompts first, so each batch holds prompts of similar length (little padding).
         rows = sorted(((p, s) for p in range(len(prompts)) for s in range(params.n)),
                       key=lambda row: (-len(encoded[row[0]]), row[0], row[1]))
@@ -152,7 +151,7 @@ class HFSampler(Sampler):
             batch = rows[start:start + self.batch_size]
             distinct = sorted({p for p, _ in batch}, key=lambda p: (-len(encoded[p]), p))
             slot = {p: i for i, p in enumerate(distinct)}
-            keys = [sample_key(params.seed, prompts[p], s) for p, s in batch]
+            keys = [sample_key(params.seed, requests[p].key_text, s) for p, s in batch]
             completions = self._generate_rows([encoded[p] for p in distinct], [slot[p] for p, _ in batch],
                                               keys, params)
             for (p, s), completion in zip(batch, completions):

@@ -1,11 +1,12 @@
 """Sample completions for a list of records into resumable JSONL shards, and read them back.
 
 `out_dir/shard_00000.jsonl`, `shard_00001.jsonl`, ... each hold the samples of `shard_size`
-consecutive records, one line per (record, sample index): the record's own fields plus
-`sample_index`, `response`, `token_ids`, `token_logprobs`, `finish_reason` and `num_tokens`.
-Shards are written atomically and skipped when already present, so a killed run resumes where it
-stopped. `out_dir/sampling.json` records the settings; resuming with different ones is an error.
-Samples are keyed by (seed, prompt, sample index) only, so resharding gives the same samples.
+consecutive records (each prompt a string or a list of token ids), one line per (record, sample
+index): the record's own fields plus `sample_index`, `response`, `token_ids`, `token_logprobs`,
+`finish_reason` and `num_tokens`. Shards are written atomically and skipped when already present,
+so a killed run resumes where it stopped. `out_dir/sampling.json` records the settings; resuming
+with different ones is an error. Samples are keyed by (seed, prompt, sample index) only, so
+resharding gives the same samples.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from stepwise.data.jsonl import DataError, atomic_write_json, read_jsonl, write_jsonl
 from stepwise.sampling.base import Sampler, SamplingParams
+from stepwise.sampling.requests import prompt_digest_bytes, prompt_problem
 
 SAMPLE_FIELDS = ("sample_index", "response", "token_ids", "token_logprobs", "finish_reason", "num_tokens")
 SETTINGS_FILE = "sampling.json"
@@ -46,7 +48,8 @@ def _check_settings(out_dir: Path, settings: dict[str, Any]) -> None:
 def sample_to_shards(sampler: Sampler, records: list[dict], prompt_key: str, params: SamplingParams,
                      out_dir: str | os.PathLike, shard_size: int = 256, desc: str = "sample",
                      rank: int = 0, world_size: int = 1) -> list[Path]:
-    """Sample `params.n` completions of `record[prompt_key]` for every record into shards of `out_dir`.
+    """Sample `params.n` completions of `record[prompt_key]` (a string, or a non-empty list of token ids
+    used as given) for every record into shards of `out_dir`.
 
     With `world_size` > 1 this worker only handles the shards with index % world_size == rank (data
     parallelism over shards, e.g. one vLLM engine per node). Returns the paths of this worker's
@@ -57,8 +60,11 @@ def sample_to_shards(sampler: Sampler, records: list[dict], prompt_key: str, par
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     for index, record in enumerate(records):
-        if not isinstance(record.get(prompt_key), str):
-            raise DataError(f"record {index}: key '{prompt_key}' must be a string prompt")
+        if prompt_key not in record:
+            raise DataError(f"record {index}: key '{prompt_key}' is missing (a string prompt or a list of token ids)")
+        problem = prompt_problem(record[prompt_key])
+        if problem:
+            raise DataError(f"record {index}: key '{prompt_key}' {problem}")
         clash = [name for name in SAMPLE_FIELDS if name in record]
         if clash:
             raise DataError(f"record {index}: has field(s) {clash} that the sample output would overwrite")
@@ -66,7 +72,7 @@ def sample_to_shards(sampler: Sampler, records: list[dict], prompt_key: str, par
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts_digest = hashlib.sha256()
     for record in records:
-        prompts_digest.update(record[prompt_key].encode("utf-8") + b"\x00")
+        prompts_digest.update(prompt_digest_bytes(record[prompt_key]))
     _check_settings(out_dir, {"params": params.to_dict(), "prompt_key": prompt_key, "shard_size": shard_size,
                               "records": len(records), "prompts_sha256": prompts_digest.hexdigest()})
 
