@@ -9,14 +9,46 @@ from __future__ import annotations
 
 import os
 
-from stepwise.data.jsonl import DataError, numbered_lines, parse_record
+from stepwise.data.jsonl import DataError, _check_field, numbered_lines, parse_record
 
 # Top-level keys (and types) a record of each batch builder's data kind must have.
 FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "sft": {"prompt": str, "response": str},
-    "values": {"prompt": str, "steps": list, "mc": list},
-    "action": {"state_id": (str, int), "prompt": str, "action": str, "advantage": float, "ref_logp": float},
+    "sft": {"prompt": str},
+    "values": {"mc": list},
+    "action": {"state_id": (str, int), "advantage": float, "ref_logp": float},
 }
+
+# The two forms a record may take: the token form the pipeline writes (the exact ids the policy
+# sampled) and the text form for hand-written data (tokenized by the builder).
+FORMS: dict[str, tuple[dict[str, type], dict[str, type]]] = {
+    "sft": ({"response_ids": list}, {"response": str}),
+    "values": ({"ids": list, "ends": list}, {"prompt": str, "steps": list}),
+    "action": ({"prompt_ids": list, "action_ids": list}, {"prompt": str, "action": str}),
+}
+
+
+def token_form(where: str, record: dict, kind: str) -> bool:
+    """Whether `record` of data kind `kind` is in token form (all its keys present), else checks the text
+    form's keys; DataError naming `where` and the key when neither form is complete."""
+    tokens, text = FORMS[kind]
+    if all(key in record for key in tokens):
+        for key, expected in tokens.items():
+            _check_field(where, record, key, expected)
+        return True
+    for key, expected in text.items():
+        if key not in record:
+            raise DataError(f"{where}: missing key '{key}' (or the token form's {' and '.join(map(repr, tokens))})")
+        _check_field(where, record, key, expected)
+    return False
+
+
+def token_ids(where: str, record: dict, key: str) -> list[int]:
+    """`record[key]` as a non-empty list of token ids; DataError naming `where` and the key otherwise."""
+    value = record.get(key)
+    if not isinstance(value, list) or not value or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                            for t in value):
+        raise DataError(f"{where}: key '{key}' must be a non-empty list of token ids (integers >= 0), got {value!r:.60}")
+    return value
 
 
 class RecordScreen:
@@ -72,7 +104,10 @@ def read_records(path: str | os.PathLike, kind: str, screen: RecordScreen | None
     for location, line in numbered_lines(path):
         total += 1
         try:
-            records.append(parse_record(location, line, required))
+            record = parse_record(location, line, required)
+            if kind in FORMS:
+                token_form(location, record, kind)
+            records.append(record)
         except DataError as error:
             screen.reject_error(error)
             continue

@@ -8,6 +8,8 @@ separator run together with the text after it, the boundary moves to that token'
 """
 from __future__ import annotations
 
+import hashlib
+
 LOOKBACK = 6  # tokens of context for decoding one token's text (multi-byte characters, leading spaces)
 
 
@@ -62,3 +64,39 @@ def step_ends(token_ids: list[int], tokenizer, separator: str) -> list[int]:
         if k + 1 < len(token_ids) and (not boundaries or boundaries[-1] < k + 1):
             boundaries.append(k + 1)
     return boundaries + [len(token_ids)]
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """The token ids of a text the pipeline wrote (a prompt), exactly as the samplers encode prompts."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def decode_ids(tokenizer, token_ids: list[int]) -> str:
+    """The text of token ids, byte for byte (no special-token skipping, no clean-up of spaces)."""
+    return tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def ids_key(*token_ids: list[int]) -> str:
+    """A stable id of one or more token-id sequences (two sequences that decode alike stay apart)."""
+    digest = hashlib.sha1()
+    for ids in token_ids:
+        digest.update(",".join(map(str, ids)).encode() + b";")
+    return digest.hexdigest()[:16]
+
+
+def text_ids(sample: dict) -> list[int]:
+    """A sample's sampled token ids without the eos that ended it (the ids of its text and steps)."""
+    ids = sample["token_ids"]
+    return ids[:-1] if sample["finish_reason"] == "eos" else ids
+
+
+def target_ids(sample: dict, eos_id: int) -> list[int]:
+    """A sample's sampled token ids ending in eos: the sampled one, or `eos_id` appended to a sample cut
+    by `max_tokens` or a stop string (every method trains on prompt + response + eos)."""
+    return sample["token_ids"] if sample["finish_reason"] == "eos" else sample["token_ids"] + [eos_id]
+
+
+def step_slices(token_ids: list[int], tokenizer, separator: str) -> list[tuple[int, int]]:
+    """(start, end) of each step of `token_ids` (see `step_ends`)."""
+    ends = step_ends(token_ids, tokenizer, separator)
+    return list(zip([0] + ends[:-1], ends))

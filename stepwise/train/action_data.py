@@ -1,7 +1,10 @@
 """The `action` batch builder for step-level policy losses (`skywork_dapo`): state-wise batches.
 
-A record is `{"state_id", "prompt" (the state s), "action" (the next step a, with its separator),
-"ends" (the action ends the solution: eos follows), "advantage", "ref_logp"}`. Every action of a
+A record is `{"state_id", "prompt_ids" (the state s), "action_ids" (the next step a), "advantage",
+"ref_logp"}` in the token form the pipeline writes: the state is a prefix and the action a slice of the
+exact ids the policy sampled (the eos included when the action ended the solution). Hand-written data
+may use the text form `{"state_id", "prompt", "action" (with its separator), "ends" (the action ends the
+solution: eos follows), "advantage", "ref_logp"}`, tokenized piece by piece. Every action of a
 state lands in the same global batch, which gives the contrastive gradient the paper asks for (§4.1,
 "state-wise learning"): states are shuffled per epoch and packed whole into global batches of at most
 `global_batch_size` actions; unused slots are padding rows (id -1) that carry no loss.
@@ -12,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stepwise.data.records import RecordScreen
+from stepwise.data.jsonl import DataError, _check_field
+from stepwise.data.records import RecordScreen, token_form, token_ids
 from stepwise.train.batches import SequenceBatches, collate_sft, dp_slice, split_micro_batches, too_long
 
 PAD_INDEX = -1
@@ -71,10 +75,14 @@ def tokenize_actions(records: list[dict], tokenizer, max_seq_len: int, source: s
     Over-long records: see `batches.too_long`."""
     out = []
     for index, record in enumerate(records):
-        state = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
-        action = tokenizer(record["action"], add_special_tokens=False)["input_ids"]
-        if record.get("ends"):
-            action = action + [tokenizer.eos_token_id]
+        label = where[index] if where else f"{source}: record {index}"
+        try:
+            state, action = _state_and_action(label, record, tokenizer)
+        except DataError as error:
+            if screen is None:
+                raise
+            screen.reject_error(error)
+            continue
         ids = state + action
         if len(ids) > max_seq_len + 1:
             too_long(index, len(ids), max_seq_len, source, where, screen)
@@ -82,6 +90,18 @@ def tokenize_actions(records: list[dict], tokenizer, max_seq_len: int, source: s
         out.append({"ids": ids, "mask": [0] * len(state) + [1] * len(action), "state": str(record["state_id"]),
                     "advantage": float(record["advantage"]), "ref_logp": float(record["ref_logp"])})
     return out
+
+
+def _state_and_action(where: str, record: dict, tokenizer) -> tuple[list[int], list[int]]:
+    if token_form(where, record, "action"):
+        return token_ids(where, record, "prompt_ids"), token_ids(where, record, "action_ids")
+    for key in ("prompt", "action"):
+        _check_field(where, record, key, str)
+    state = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+    action = tokenizer(record["action"], add_special_tokens=False)["input_ids"]
+    if record.get("ends"):
+        action = action + [tokenizer.eos_token_id]
+    return state, action
 
 
 class ActionBatches(SequenceBatches):

@@ -5,7 +5,8 @@ A record is
     {"prompt": str, "response": str, "desirable": bool, "ref_logp": float}
 
 where `ref_logp` is log π_ref(response + eos | prompt), summed over the response tokens and the eos,
-exactly the tokens this builder marks in `loss_mask`. Besides the SFT tensors a micro-batch carries
+exactly the tokens this builder marks in `loss_mask`; an optional `response_ids` holds the response's
+exact sampled ids (ending in eos), used instead of tokenizing it. Besides the SFT tensors a micro-batch carries
 `desirable` [B], `ref_logp` [B] and `row` [B], each row's position in the global batch (the `kto`
 loss groups rows by it for its reference point). The normaliser is the number of responses in the
 global batch.

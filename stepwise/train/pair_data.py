@@ -5,7 +5,8 @@ A record is
     {"prompt": str, "chosen": str, "rejected": str, "ref_chosen_logp": float, "ref_rejected_logp": float}
 
 where each reference log-prob is log π_ref(response + eos | prompt), summed over the response tokens
-and the eos, exactly the tokens this builder marks in `loss_mask`. One sample of the data order is
+and the eos, exactly the tokens this builder marks in `loss_mask`. Optional `chosen_ids` and
+`rejected_ids` hold the responses' exact sampled ids (ending in eos), used instead of tokenizing. One sample of the data order is
 one pair, so `global_batch_size` and `micro_batch_size` count *pairs*: a micro-batch of m pairs has
 2m rows, pair i at rows 2i (chosen) and 2i+1 (rejected), so the two halves of a pair are always in
 the same forward pass. The normaliser is the number of pairs in the global batch.
@@ -27,7 +28,9 @@ def tokenize_pairs(records: list[dict], tokenizer, max_seq_len: int, source: str
             _check_field(where, record, key, str)
         for key in ("ref_chosen_logp", "ref_rejected_logp"):
             _check_field(where, record, key, float)
-    rows = [{"prompt": r["prompt"], "response": r[side]} for r in records for side in ("chosen", "rejected")]
+    rows = [{"prompt": r["prompt"], "response": r[side],
+             **({"response_ids": r[f"{side}_ids"]} if f"{side}_ids" in r else {})}
+            for r in records for side in ("chosen", "rejected")]
     sequences = tokenize_sft(rows, tokenizer, max_seq_len, source)
     return [{"chosen": sequences[2 * i], "rejected": sequences[2 * i + 1],
              "ref_logp": (float(r["ref_chosen_logp"]), float(r["ref_rejected_logp"]))} for i, r in enumerate(records)]

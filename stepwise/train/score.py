@@ -23,15 +23,15 @@ import torch
 
 def as_trajectories(records: list[dict], tokenizer) -> list[dict]:
     """`tokens` records as `trajectory` records with zero placeholders, one per response token (the
-    response's `token_ids` when given, else its tokens and eos, as `trajectory_data` tokenizes them)."""
+    response's `response_ids` when given, else its tokens and eos, as `trajectory_data` tokenizes them)."""
     out = []
     for record in records:
-        ids = record.get("token_ids")
+        ids = record.get("response_ids")
         n = len(ids) if ids is not None else len(tokenizer(record["response"], add_special_tokens=False)["input_ids"]) + 1
         trajectory = {"prompt": record["prompt"], "response": record["response"], "reward": 0.0,
                       "behaviour_logp": [0.0] * n, "ref_logp": [0.0] * n}
         if ids is not None:
-            trajectory["token_ids"] = ids
+            trajectory["response_ids"] = ids
         out.append(trajectory)
     return out
 

@@ -1,13 +1,14 @@
 """The `sft` batch builder: `{"prompt", "response"}` records -> token ids with a response mask.
 
-A sequence is prompt + response + eos; targets are the response tokens and the eos. The global
-normaliser is the number of target tokens in the whole global batch.
+A sequence is prompt + response + eos; targets are the response tokens and the eos. A record in token
+form carries `response_ids` instead (the exact sampled ids, ending in eos: `tasks.steps.target_ids`),
+used as they are. The global normaliser is the number of target tokens in the whole global batch.
 """
 from __future__ import annotations
 
 import torch
 
-from stepwise.data.records import RecordScreen
+from stepwise.data.records import RecordScreen, token_form, token_ids
 from stepwise.train.batches import SequenceBatches, collate_sft, split_micro_batches, too_long
 
 
@@ -16,15 +17,19 @@ def tokenize_sft(records: list[dict], tokenizer, max_seq_len: int, source: str =
     """Token records `{"ids", "mask"}`; a sequence longer than `max_seq_len` + 1 is an error naming it
     (`where[i]`, e.g. `path:line`, else `source: record i`), or skipped and counted by a lenient `screen`."""
     eos = tokenizer.eos_token_id
-    prompts = tokenizer([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
-    responses = tokenizer([r["response"] for r in records], add_special_tokens=False)["input_ids"]
+    labels = where or [f"{source}: record {index}" for index in range(len(records))]
+    prompts = tokenizer([r["prompt"] for r in records], add_special_tokens=False)["input_ids"] if records else []
+    as_text = [index for index, r in enumerate(records) if not token_form(labels[index], r, "sft")]
+    encoded = tokenizer([records[i]["response"] for i in as_text], add_special_tokens=False)["input_ids"] if as_text else []
+    responses = {i: ids + [eos] for i, ids in zip(as_text, encoded)}
     sequences = []
-    for index, (prompt, response) in enumerate(zip(prompts, responses)):
-        ids = prompt + response + [eos]
+    for index, prompt in enumerate(prompts):
+        response = responses[index] if index in responses else token_ids(labels[index], records[index], "response_ids")
+        ids = prompt + response
         if len(ids) > max_seq_len + 1:
             too_long(index, len(ids), max_seq_len, source, where, screen)
             continue
-        sequences.append({"ids": ids, "mask": [0] * len(prompt) + [1] * (len(response) + 1)})
+        sequences.append({"ids": ids, "mask": [0] * len(prompt) + [1] * len(response)})
     return sequences
 
 

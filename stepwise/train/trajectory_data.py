@@ -2,11 +2,11 @@
 
 A record is
 
-    {"prompt": str, "response": str, "token_ids": [int] (optional),
+    {"prompt": str, "response": str, "response_ids": [int] (optional),
      "behaviour_logp": [float], "ref_logp": [float], "reward": float, "process_rewards": [float] (optional)}
 
-The response's tokens are `token_ids` when present (the sampler's own tokens, eos included when the
-response finished), else the tokenized `response` followed by eos. `behaviour_logp` (log μ, the
+The response's tokens are `response_ids` when present (the sampler's own tokens ending in eos, as
+`tasks.steps.target_ids` gives them), else the tokenized `response` followed by eos. `behaviour_logp` (log μ, the
 sampling distribution) and `ref_logp` (log π_ref) hold one number per response token, as do the
 optional `process_rewards`; the outcome `reward` is added on the last response token.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from stepwise.data.jsonl import DataError, _check_field
+from stepwise.data.records import token_ids
 from stepwise.train.batches import SequenceBatches, collate_sft, split_micro_batches
 
 TOKEN_KEYS = ("behaviour_logp", "ref_logp", "rewards")
@@ -44,9 +45,8 @@ def tokenize_trajectories(records: list[dict], tokenizer, max_seq_len: int, sour
             _check_field(where, record, key, str)
         _check_field(where, record, "reward", float)
         prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
-        if "token_ids" in record:
-            _check_field(where, record, "token_ids", list)
-            response = [int(t) for t in record["token_ids"]]
+        if "response_ids" in record:
+            response = token_ids(where, record, "response_ids")
         else:
             response = tokenizer(record["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if not response:

@@ -1,17 +1,40 @@
 """The `values` batch builder: one sequence per solution, a critic target at the end of each state.
 
-A record is `{"prompt", "steps": [step texts], "mc": [MC value of state t, t = 0..len(mc)-1]}`;
-state t is the prompt plus the first t steps (each step followed by the separator). The sequence is
-built by concatenating the token ids of the prompt and of each step, so a state's tokens are
-exactly a prefix of the solution's tokens and its value is read at its last token.
+A record is `{"ids": [token ids of the prompt and the sampled response], "ends": [exclusive end of
+state t in ids], "mc": [MC value of state t]}` (the token form the pipeline writes: states are prefixes
+of the exact sampled ids, so a state's value is read at token ends[t] - 1 whether it is scored here, as
+a state of its solution, or as the next state of the step before it). Hand-written data may use the
+text form `{"prompt", "steps": [step texts], "mc"}`: state t is the prompt plus the first t steps, each
+step followed by the separator, tokenized piece by piece.
 """
 from __future__ import annotations
 
 import torch
 
-from stepwise.data.jsonl import DataError
-from stepwise.data.records import RecordScreen
+from stepwise.data.jsonl import DataError, _check_field
+from stepwise.data.records import RecordScreen, token_form, token_ids
 from stepwise.train.batches import SequenceBatches, split_micro_batches, too_long
+
+
+def _text_states(record: dict, tokenizer, separator: str) -> tuple[list[int], list[int]]:
+    """(ids, state ends) of a text-form record."""
+    ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+    ends = [len(ids)]
+    for step in record["steps"]:
+        ids = ids + tokenizer(step + separator, add_special_tokens=False)["input_ids"]
+        ends.append(len(ids))
+    return ids, ends
+
+
+def _token_states(where: str, record: dict) -> tuple[list[int], list[int]]:
+    """(ids, state ends) of a token-form record, the ends checked: increasing, within 1..len(ids)."""
+    ids = token_ids(where, record, "ids")
+    _check_field(where, record, "ends", list)
+    ends = record["ends"]
+    if not all(isinstance(e, int) and not isinstance(e, bool) for e in ends) or \
+            any(not 0 < e <= len(ids) for e in ends) or ends != sorted(set(ends)):
+        raise DataError(f"{where}: key 'ends' must be increasing token positions in 1..{len(ids)}, got {ends!r:.60}")
+    return ids, ends
 
 
 def tokenize_states(records: list[dict], tokenizer, max_seq_len: int, separator: str = "\n",
@@ -21,14 +44,17 @@ def tokenize_states(records: list[dict], tokenizer, max_seq_len: int, separator:
     Over-long records: see `batches.too_long`."""
     out = []
     for index, record in enumerate(records):
-        ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
-        ends = [len(ids) - 1]
-        for step in record["steps"]:
-            ids = ids + tokenizer(step + separator, add_special_tokens=False)["input_ids"]
-            ends.append(len(ids) - 1)
+        label = where[index] if where else f"{source}: record {index}"
+        try:
+            ids, ends = (_token_states(label, record) if token_form(label, record, "values")
+                         else _text_states(record, tokenizer, separator))
+        except DataError as error:
+            if screen is None:
+                raise
+            screen.reject_error(error)
+            continue
         mc = [float(v) for v in record["mc"]]
         if len(mc) > len(ends):
-            label = where[index] if where else f"{source}: record {index}"
             if screen is None:
                 raise DataError(f"{label}: {len(mc)} MC values for {len(ends)} states")
             screen.reject(label, f"{len(mc)} MC values for {len(ends)} states")
@@ -36,7 +62,7 @@ def tokenize_states(records: list[dict], tokenizer, max_seq_len: int, separator:
         if len(ids) > max_seq_len:
             too_long(index, len(ids), max_seq_len, source, where, screen)
             continue
-        out.append({"ids": ids, "positions": ends[: len(mc)], "targets": mc})
+        out.append({"ids": ids, "positions": [end - 1 for end in ends[: len(mc)]], "targets": mc})
     return out
 
 

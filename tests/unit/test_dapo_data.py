@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from stepwise.pipeline.stages.dapo_data import balanced_pick, split_steps, state_id
+from stepwise.pipeline.stages.dapo_data import balanced_pick
 from stepwise.pipeline.stages.dapo_train import critic_report, held_out, state_advantages
 
 
@@ -19,22 +19,17 @@ def test_balanced_pick_takes_half_and_half_and_fills_from_the_larger_side():
     assert balanced_pick([1, 2], [], 6, rng) == [1, 2] or sorted(balanced_pick([1, 2], [], 6, rng)) == [1, 2]
 
 
-def test_split_steps_drops_empty_lines():
-    assert split_steps("1+1=2\n\n2*3=6\nA: 6\n", "\n") == ["1+1=2", "2*3=6", "A: 6"]
-    assert state_id("a") != state_id("b") and state_id("a") == state_id("a")
-
-
 def test_advantages_use_the_mean_over_all_samples_and_keep_unique_actions():
-    actions = [{"action": "x", "value": 1.0}, {"action": "x", "value": 1.0}, {"action": "y", "value": 0.0},
-               {"action": "z", "value": 0.25}]
+    actions = [{"action_ids": [1], "value": 1.0}, {"action_ids": [1], "value": 1.0}, {"action_ids": [2], "value": 0.0},
+               {"action_ids": [2, 3], "value": 0.25}]
     kept, gap = state_advantages(actions, 0.1)
-    assert gap == 1.0 and [a["action"] for a in kept] == ["x", "y", "z"]
+    assert gap == 1.0 and [a["action_ids"] for a in kept] == [[1], [2], [2, 3]]
     baseline = (1 + 1 + 0 + 0.25) / 4
     assert [a["advantage"] for a in kept] == pytest.approx([1 - baseline, -baseline, 0.25 - baseline])
 
 
 def test_states_with_a_small_gap_are_dropped():
-    kept, gap = state_advantages([{"action": "x", "value": 0.5}, {"action": "y", "value": 0.55}], 0.1)
+    kept, gap = state_advantages([{"action_ids": [1], "value": 0.5}, {"action_ids": [2], "value": 0.55}], 0.1)
     assert kept == [] and gap == pytest.approx(0.05)
 
 

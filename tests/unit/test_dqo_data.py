@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from stepwise.data.jsonl import DataError
-from stepwise.pipeline.stages.dqo_data import dpo_pairs, gold_records, pair_indices, rs_records
-from stepwise.pipeline.stages.dqo_process import PrefixSearch, segment_token_rewards, split_segments, step_rewards
+from stepwise.pipeline.stages.dqo_data import dpo_pairs, gold_records, pair_indices
+from stepwise.pipeline.stages.dqo_process import PrefixSearch, merge_steps, segment_token_rewards, step_rewards
+from stepwise.pipeline.stages.sampling import correct_as_sft
+from stepwise.tasks.steps import step_ends
 from stepwise.train.pair_data import PairBatches, tokenize_pairs
 from stepwise.train.score import as_trajectories, response_token_values
 from stepwise.train.trajectory_data import TrajectoryBatches, tokenize_trajectories
@@ -20,13 +22,24 @@ from tests.helpers import make_tiny_char_tokenizer
 RESPONSE = "3+4=7\n7*2=4\n4-5=9\nA: 9"
 
 
-def test_segments_keep_their_separator_and_concatenate_back():
-    assert split_segments(RESPONSE, "\n") == ["3+4=7\n", "7*2=4\n", "4-5=9\n", "A: 9"]
-    assert split_segments("\na\n\n  \nb\n", "\n") == ["\na\n\n  \n", "b\n"]  # blank steps join their neighbour
-    assert "".join(split_segments("\na\n\n  \nb\n", "\n")) == "\na\n\n  \nb\n"
-    assert split_segments("", "\n") == [] and split_segments("\n \n", "\n") == []
-    merged = split_segments("a\nb\nc\nd\ne", "\n", max_segments=2)
-    assert len(merged) == 2 and "".join(merged) == "a\nb\nc\nd\ne"
+@pytest.fixture(scope="module")
+def task_tokenizer(tmp_path_factory):
+    """The embedded task's character-level tokenizer (it knows the newline), trained on the response."""
+    from stepwise.tasks.tokenizer import load_tokenizer, train_task_tokenizer
+
+    return load_tokenizer(train_task_tokenizer([RESPONSE, "Q: 1+2\n1+2=3\nA: 3"], tmp_path_factory.mktemp("tok"),
+                                               vocab_size=40))
+
+
+def test_segments_are_token_slices_that_decode_back_and_merge_into_near_equal_groups(task_tokenizer):
+    tokenizer = task_tokenizer
+    ids = tokenizer(RESPONSE, add_special_tokens=False)["input_ids"]
+    ends = step_ends(ids, tokenizer, "\n")
+    assert [tokenizer.decode(ids[a:b]) for a, b in zip([0] + ends[:-1], ends)] == ["3+4=7\n", "7*2=4\n", "4-5=9\n", "A: 9"]
+    assert merge_steps(ends) == ends and merge_steps(ends, 4) == ends
+    assert merge_steps([1, 2, 3, 4, 5], 2) == [2, 5]  # steps 1-2 | 3-5 (round(5/2) = 2)
+    assert merge_steps([1, 2, 3, 4, 5], 3) == [2, 3, 5]
+    assert merge_steps([], 3) == []
 
 
 def test_process_rule_correct_all_steps_failed_up_to_the_longest_good_prefix():
@@ -61,38 +74,20 @@ def test_prefix_search_tests_prefixes_longest_first_and_stops_at_the_first_succe
     assert search.result == {k: sequential_search(n, lambda i, k=k: i in good[k]) for k, n in counts.items()}
 
 
-def test_process_rewards_sit_on_each_segment_last_token_and_eos_gets_none():
-    tokenizer = make_tiny_char_tokenizer(97)  # one token per character
-    segments = split_segments(RESPONSE, "\n")
-    rewards = segment_token_rewards(tokenizer, RESPONSE, segments, step_rewards(4, False, 2))
+def test_process_rewards_sit_on_each_segment_last_token_and_eos_gets_none(task_tokenizer):
+    tokenizer = task_tokenizer  # one token per character
+    ids = tokenizer(RESPONSE, add_special_tokens=False)["input_ids"]
+    ends = step_ends(ids, tokenizer, "\n")
+    rewards = segment_token_rewards(len(ids) + 1, ends, step_rewards(4, False, 2))
     assert len(rewards) == len(RESPONSE) + 1  # the response's tokens and eos, like trajectory_data
-    ends = [RESPONSE.index("\n"), RESPONSE.index("\n", 6)]
-    assert {k: v for k, v in enumerate(rewards) if v} == {ends[0]: 0.25, ends[1]: 0.25}
-    correct = segment_token_rewards(tokenizer, RESPONSE, segments, step_rewards(4, True, 0))
+    newlines = [RESPONSE.index("\n"), RESPONSE.index("\n", 6)]
+    assert {k: v for k, v in enumerate(rewards) if v} == {newlines[0]: 0.25, newlines[1]: 0.25}
+    correct = segment_token_rewards(len(ids) + 1, ends, step_rewards(4, True, 0))
     assert correct[-2] == 0.25 and correct[-1] == 0.0 and sum(correct) == pytest.approx(1.0)
-
-
-def test_process_rewards_with_merged_tokens_go_to_the_token_starting_inside_the_segment():
-    from tokenizers import Tokenizer, models, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.BPE(unk_token="<unk>"))
-    raw.train_from_iterator([RESPONSE, "1+1=2\n2*2=4\nA: 4"] * 50,
-                            trainers.BpeTrainer(vocab_size=60, special_tokens=["<pad>", "</s>", "<unk>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", pad_token="<pad>")
-    segments = split_segments(RESPONSE, "\n")
-    encoded = tokenizer(RESPONSE, add_special_tokens=False, return_offsets_mapping=True)
-    starts = [s for s, _ in encoded["offset_mapping"]]
-    assert len(starts) < len(RESPONSE)  # merges happened
-    rewards = segment_token_rewards(tokenizer, RESPONSE, segments, [1.0, 2.0, 4.0, 8.0])
-    assert len(rewards) == len(starts) + 1 and sum(rewards) == 15.0
-    end = 0
-    for segment, value in zip(segments, [1.0, 2.0, 4.0, 8.0]):
-        end += len(segment)
-        k = max(i for i, s in enumerate(starts) if s < end)
-        assert int(rewards[k]) & int(value)
     with pytest.raises(ValueError):
-        segment_token_rewards(tokenizer, RESPONSE, segments[:-1], [1.0, 1.0, 1.0])
+        segment_token_rewards(len(ids) + 1, ends[:-1], [1.0, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError):
+        segment_token_rewards(3, ends, [1.0] * 4)
 
 
 def test_pairs_come_from_one_group_are_distinct_and_sized_by_the_count():
@@ -113,7 +108,8 @@ def test_pairs_come_from_one_group_are_distinct_and_sized_by_the_count():
 
 
 def graded(problem_id: str, response: str, correct: bool) -> dict:
-    return {"id": problem_id, "problem": f"Q{problem_id}\n", "response": response, "correct": correct}
+    return {"id": problem_id, "problem": f"Q{problem_id}\n", "response": response, "correct": correct,
+            "token_ids": [ord(c) for c in response], "finish_reason": "length"}
 
 
 def test_dpo_pairs_chosen_correct_rejected_wrong_same_prompt_and_baseline_adapters():
@@ -122,7 +118,8 @@ def test_dpo_pairs_chosen_correct_rejected_wrong_same_prompt_and_baseline_adapte
     pairs = dpo_pairs(records, 5, seed=0)
     assert sorted((c["response"], w["response"]) for c, w in pairs) == [("r1", "w1"), ("r1", "w2")]
     assert len(dpo_pairs(records, 1, seed=0)) == 1
-    assert rs_records(records) == [{"prompt": "Qa\n", "response": "r1"}, {"prompt": "Qb\n", "response": "r2"}]
+    assert list(correct_as_sft(records, 1)) == [{"prompt": "Qa\n", "response": "r1", "response_ids": [114, 49, 1]},
+                                                {"prompt": "Qb\n", "response": "r2", "response_ids": [114, 50, 1]}]
     train = [{"id": "a", "problem": "Qa\n", "solution": "gold a"}, {"id": "z", "problem": "Qz\n", "solution": "z"}]
     assert gold_records(train, {"a"}, "train.jsonl") == [{"prompt": "Qa\n", "response": "gold a"}]
     with pytest.raises(DataError, match=r"train.jsonl:1: problem 'a' has no 'solution'"):
@@ -132,7 +129,7 @@ def test_dpo_pairs_chosen_correct_rejected_wrong_same_prompt_and_baseline_adapte
 def test_scored_token_logprobs_line_up_with_the_trajectory_and_pair_builders():
     tokenizer = make_tiny_char_tokenizer(97)
     records = [{"prompt": "Q: 1+2\n", "response": "1+2=3\nA: 3"}, {"prompt": "Q: 9\n", "response": "A: 9"},
-               {"prompt": "Q: 5\n", "response": "A: 5", "token_ids": [36, 29, 3, 24, 1]}]
+               {"prompt": "Q: 5\n", "response": "A: 5", "response_ids": [36, 29, 3, 24, 1]}]
     placeholders = as_trajectories(records, tokenizer)
     batches = TrajectoryBatches(tokenize_trajectories(placeholders, tokenizer, 64), 0, 64, micro_batch_size=8)
     (micro,) = batches.micro_batches([0, 1, 2], 0, 1)

@@ -43,7 +43,7 @@ def test_trajectory_numbers_sit_at_the_positions_whose_label_is_their_token():
 
 
 def test_sampler_token_ids_are_used_as_the_response():
-    record = trajectory(response="xyz", token_ids=[7, 8], behaviour_logp=[-1.0, -2.0], ref_logp=[-1.0, -1.0])
+    record = trajectory(response="xyz", response_ids=[7, 8], behaviour_logp=[-1.0, -2.0], ref_logp=[-1.0, -1.0])
     (sequence,) = tokenize_trajectories([record], CharTokenizer(), max_seq_len=16)
     assert sequence["ids"] == [3, 4, 7, 8] and sequence["rewards"] == [0.0, 1.0]
 

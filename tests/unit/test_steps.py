@@ -69,13 +69,13 @@ def test_separator_runs_and_empty_input():
         separator_run_ends("a", "")
 
 
-def test_the_embedded_tasks_tokenizer_cuts_the_same_steps_as_the_text(tmp_path):
-    from stepwise.pipeline.stages.dapo_data import split_steps
+def test_the_embedded_tasks_tokenizer_cuts_the_steps_of_the_text(tmp_path):
     from stepwise.tasks.tokenizer import load_tokenizer, train_task_tokenizer
 
     response = "3+4=7\n7*2=4\n\nA: 4"
     tokenizer = load_tokenizer(train_task_tokenizer([response, "Q: 1+2\n1+2=3\nA: 3"], tmp_path / "tok", vocab_size=40))
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(response)  # character level: one token per character
     ends = step_ends(ids, tokenizer, "\n")
-    steps = [tokenizer.decode(ids[start:end]) for start, end in zip([0] + ends[:-1], ends)]
-    assert [step.rstrip("\n") for step in steps] == split_steps(response, "\n")
+    assert [tokenizer.decode(ids[start:end]) for start, end in zip([0] + ends[:-1], ends)] == \
+        ["3+4=7\n", "7*2=4\n\n", "A: 4"]

@@ -2,7 +2,6 @@
 `complete` every unique state with m rollouts of the completer to get its MC value."""
 from __future__ import annotations
 
-import hashlib
 import itertools
 import random
 from dataclasses import replace
@@ -14,10 +13,6 @@ from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.model import acting_policy
 from stepwise.pipeline.stages.sampling import grade_shard, grading_pool, sample_shards
 from stepwise.pipeline.step import in_step, replicas
-
-
-def state_id(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def balanced_pick(correct: list, wrong: list, k: int, rng: random.Random) -> list:
@@ -50,34 +45,42 @@ def select_balanced(ctx: StageContext) -> dict:
     return {"problems": problems, "selected": len(chosen), "correct": sum(r["correct"] for r in chosen)}
 
 
-def split_steps(response: str, separator: str) -> list[str]:
-    return [step for step in response.split(separator) if step.strip()]
-
-
-@stage("segment", depends=("select",), config_keys=("skywork_dapo.separator",), iterative=True)
+@stage("segment", depends=("select", "tokenizer"), config_keys=("skywork_dapo.separator",), iterative=True)
 def segment(ctx: StageContext) -> dict:
     return in_step(ctx, segment_solutions)
 
 
 def segment_solutions(ctx: StageContext) -> dict:
     """(In a step.) Streams the selected solutions problem by problem (states of different problems never
-    coincide: a state's text starts with its problem) into states.jsonl and solutions.jsonl."""
-    separator = ctx.config.skywork_dapo.separator
+    coincide: a state starts with its problem) into states.jsonl and solutions.jsonl.
+
+    Steps are slices of the sampled token ids (`tasks.steps.step_ends`): state t is the prompt's ids
+    followed by the ids of the first t steps, exactly as the policy produced them; each state record
+    carries them (`prompt_ids`) with their text (`prompt`), and the completer continues from the ids."""
+    from stepwise.pipeline.stages.data import tokenizer_dir
+    from stepwise.tasks.steps import decode_ids, encode_text, ids_key, step_slices, text_ids
+    from stepwise.tasks.tokenizer import load_tokenizer
+
+    tokenizer, separator = load_tokenizer(tokenizer_dir(ctx)), ctx.config.skywork_dapo.separator
     counts = {"solutions": 0, "unique_states": 0, "states": 0}
     out = ctx.dir("segment")
     with jsonl_output(out / "states.jsonl") as write_state, jsonl_output(out / "solutions.jsonl") as write_solution:
         for _, group in itertools.groupby(iter_jsonl(ctx.path("select") / "selected.jsonl"), key=itemgetter("id")):
             states: dict[str, dict] = {}
             for record in group:
-                steps = split_steps(record["response"], separator)
+                prompt_ids, response_ids = encode_text(tokenizer, record["problem"]), text_ids(record)
+                slices = step_slices(response_ids, tokenizer, separator)
                 ids = []
-                for t in range(len(steps)):
-                    text = record["problem"] + "".join(step + separator for step in steps[:t])
-                    ids.append(state_id(text))
-                    states.setdefault(ids[-1], {"state_id": ids[-1], "prompt": text, "id": record["id"],
-                                                "answer": record["answer"], "t": t})
+                for t, (start, _) in enumerate(slices):
+                    state = prompt_ids + response_ids[:start]
+                    ids.append(ids_key(state))
+                    states.setdefault(ids[-1], {"state_id": ids[-1], "id": record["id"], "answer": record["answer"],
+                                                "t": t, "prompt": record["problem"] + decode_ids(tokenizer, response_ids[:start]),
+                                                "prompt_ids": state})
                 write_solution({"id": record["id"], "prompt": record["problem"], "answer": record["answer"],
-                                "steps": steps, "state_ids": ids, "correct": record["correct"]})
+                                "prompt_ids": prompt_ids, "response_ids": response_ids,
+                                "step_ends": [end for _, end in slices], "state_ids": ids, "correct": record["correct"],
+                                "steps": [decode_ids(tokenizer, response_ids[a:b]) for a, b in slices]})
                 counts["solutions"] += 1
                 counts["states"] += len(ids)
             for state in states.values():
@@ -98,7 +101,7 @@ def complete_states(ctx: StageContext) -> dict | None:
     config, dapo = ctx.config, ctx.config.skywork_dapo
     states = read_jsonl(ctx.path("segment") / "states.jsonl")
     params = replace(config.sampling.params, n=dapo.completions, temperature=dapo.completion_temperature)
-    mine = sample_shards(ctx, acting_policy(ctx, "completer")[1], states, "prompt", params,
+    mine = sample_shards(ctx, acting_policy(ctx, "completer")[1], states, "prompt_ids", params,
                          ctx.dir("complete") / "shards", config.sampling.shard_size, config.sampling.batch_size,
                          "complete")
     graded_dir = ctx.dir("complete") / "graded"

@@ -12,7 +12,6 @@ from operator import itemgetter
 from stepwise.data.jsonl import iter_jsonl, jsonl_output, read_jsonl, write_jsonl
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
-from stepwise.pipeline.stages.dapo_data import split_steps
 from stepwise.pipeline.stages.model import base_policy, export_checkpoint, last_metrics, reference_policy, train_section
 from stepwise.pipeline.stages.sampling import greedy_accuracy
 from stepwise.pipeline.stages.scoring import score_file, scores_dir, scores_of
@@ -28,9 +27,16 @@ def held_out(problem_id: str, fraction: float) -> bool:
 def _critic_records(ctx: StageContext, holdout: bool) -> list[dict]:
     mc = {row["state_id"]: row["mc"] for row in read_jsonl(ctx.path("complete") / "mc.jsonl")}
     fraction = ctx.config.skywork_dapo.critic_holdout
-    return [{"prompt": s["prompt"], "steps": s["steps"], "mc": [mc[i] for i in s["state_ids"]]}
+    return [value_record(s["prompt_ids"], s["response_ids"], s["step_ends"], [mc[i] for i in s["state_ids"]])
             for s in read_jsonl(ctx.path("segment") / "solutions.jsonl")
             if held_out(s["id"], fraction) == holdout and s["state_ids"]]
+
+
+def value_record(prompt_ids: list[int], response_ids: list[int], step_ends: list[int], mc: list[float]) -> dict:
+    """A `values` record of a solution: its ids and the end of each state (the prompt, then the prompt and
+    each step but the last) with the state's MC value; the critic reads state t at token ends[t] - 1."""
+    ends = [len(prompt_ids) + end for end in [0] + step_ends[:-1]]
+    return {"ids": prompt_ids + response_ids, "ends": ends[: len(mc)], "mc": mc}
 
 
 def critic_report(predicted: list[float], targets: list[float]) -> dict:
@@ -89,21 +95,28 @@ def report_critic_splits(ctx: StageContext, splits: list[str]) -> dict:
 
 
 def _actions_per_state(ctx: StageContext):
-    """(state_id, its sampled first steps) per state, streamed from the graded completions (a state's
-    completions are contiguous: they share a shard)."""
-    separator = ctx.config.skywork_dapo.separator
+    """(state, its sampled first steps) per state, streamed from the graded completions (a state's
+    completions are contiguous: they share a shard). An action is the first step's slice of the
+    completion's token ids; a one-step completion ends the solution and keeps its eos."""
+    from stepwise.pipeline.stages.data import tokenizer_dir
+    from stepwise.tasks.steps import decode_ids, step_ends, text_ids
+    from stepwise.tasks.tokenizer import load_tokenizer
+
+    tokenizer, separator = load_tokenizer(tokenizer_dir(ctx)), ctx.config.skywork_dapo.separator
     completions = iter_jsonl(ctx.path("complete") / "completions.jsonl")
     for sid, group in itertools.groupby(completions, key=itemgetter("state_id")):
-        actions = []
+        actions, state = [], None
         for record in group:
-            steps = split_steps(record["response"], separator)
-            if not steps:
+            state = record
+            ends = step_ends(text_ids(record), tokenizer, separator)
+            if not ends:
                 continue
-            ends = len(steps) == 1
-            actions.append({"state_id": sid, "prompt": record["prompt"], "step": steps[0], "ends": ends,
-                            "action": steps[0] if ends else steps[0] + separator, "correct": record["correct"]})
+            last = len(ends) == 1
+            action_ids = record["token_ids"] if last else record["token_ids"][:ends[0]]
+            actions.append({"step": decode_ids(tokenizer, text_ids(record)[:ends[0]]), "ends": last,
+                            "action_ids": action_ids, "correct": record["correct"]})
         if actions:
-            yield sid, actions
+            yield {"state_id": sid, "prompt": state["prompt"], "prompt_ids": state["prompt_ids"]}, actions
 
 
 def assign_values(actions: list[dict], critic_values, reward) -> None:
@@ -118,7 +131,7 @@ def state_advantages(actions: list[dict], min_gap: float) -> tuple[list[dict], f
     actions (the baseline estimates V(s) under pi_ref); returns the unique actions (first occurrence)
     with their advantage, or none when the state's gap max A - min A is below `min_gap`; and the gap."""
     baseline = sum(a["value"] for a in actions) / len(actions)
-    unique = list({a["action"]: a for a in reversed(actions)}.values())[::-1]
+    unique = list({tuple(a["action_ids"]): a for a in reversed(actions)}.values())[::-1]
     gap = max(a["value"] for a in unique) - min(a["value"] for a in unique)
     if gap < min_gap:
         return [], gap
@@ -144,11 +157,12 @@ def write_next_states(ctx: StageContext) -> dict:
     for stale in ("next.jsonl", "kept.jsonl"):  # scores of an earlier attempt's files
         shutil.rmtree(scores_dir(out / stale), ignore_errors=True)
     with jsonl_output(out / "per_state.jsonl") as write_state, jsonl_output(out / "next.jsonl") as write_next:
-        for sid, actions in _actions_per_state(ctx):
-            write_state({"state_id": sid, "actions": actions})
+        for state, actions in _actions_per_state(ctx):
+            write_state({**state, "actions": actions})
             for action in actions:
                 if not action["ends"]:
-                    write_next({"prompt": action["prompt"] + action["action"], "steps": [], "mc": [0.0]})
+                    next_ids = state["prompt_ids"] + action["action_ids"]
+                    write_next({"ids": next_ids, "ends": [len(next_ids)], "mc": [0.0]})
                     count += 1
     return {"next_states": count}
 
@@ -168,7 +182,8 @@ def choose_actions(ctx: StageContext) -> dict:
             assign_values(actions, values, lambda a: float(grade(ctx.config.task.name, a["step"], answers[sid])))
             chosen, gap = state_advantages(actions, ctx.config.skywork_dapo.advantage_gap)
             for action in chosen:
-                write_kept({**action, "ref_logp": 0.0})
+                write_kept({"state_id": sid, "prompt": row["prompt"], "prompt_ids": row["prompt_ids"], **action,
+                            "ref_logp": 0.0})
             states, kept, gap_sum = states + 1, kept + len(chosen), gap_sum + gap
     return {"states": states, "actions": kept, "mean_gap": gap_sum / max(1, states)}
 
@@ -181,8 +196,8 @@ def write_actions(ctx: StageContext) -> dict:
     states, count, positive = set(), 0, 0
     with jsonl_output(out / "actions.jsonl") as write:
         for a, r in zip(kept, reference):
-            write({"state_id": a["state_id"], "prompt": a["prompt"], "action": a["action"], "ends": a["ends"],
-                   "advantage": a["advantage"], "ref_logp": r["logp"]})
+            write({"state_id": a["state_id"], "prompt": a["prompt"], "prompt_ids": a["prompt_ids"], "action": a["step"],
+                   "action_ids": a["action_ids"], "ends": a["ends"], "advantage": a["advantage"], "ref_logp": r["logp"]})
             states.add(a["state_id"])
             count, positive = count + 1, positive + (a["advantage"] > 0)
     return {"states_kept": len(states), "actions": count, "positive_actions": positive}
@@ -221,8 +236,14 @@ def rs_baseline(ctx: StageContext) -> dict:
 
 
 def write_correct_samples(ctx: StageContext) -> dict:
-    """(In a step.) rs/correct.jsonl: pi0's correct samples as SFT records, streamed."""
-    correct = [{"prompt": r["problem"], "response": r["response"]}
-               for r in iter_jsonl(ctx.path("grade") / "graded.jsonl") if r["correct"]]
-    write_jsonl(ctx.dir("rs") / "correct.jsonl", correct)
-    return {"samples": len(correct)}
+    """(In a step.) rs/correct.jsonl: pi0's correct samples as SFT records of their sampled ids, streamed."""
+    from stepwise.pipeline.stages.data import tokenizer_dir
+    from stepwise.pipeline.stages.sampling import correct_as_sft
+    from stepwise.tasks.tokenizer import load_tokenizer
+
+    eos_id, count = load_tokenizer(tokenizer_dir(ctx)).eos_token_id, 0
+    with jsonl_output(ctx.dir("rs") / "correct.jsonl") as write:
+        for record in correct_as_sft(iter_jsonl(ctx.path("grade") / "graded.jsonl"), eos_id):
+            write(record)
+            count += 1
+    return {"samples": count}

@@ -10,9 +10,10 @@ pi_ref = pi0 with the scoring workers and writes each method's training set:
     rs.jsonl            rs_baseline  the correct responses (SFT records; rejection sampling)
     gold.jsonl          sft_baseline the dataset's solution of each sampled problem (arith: the correct chain)
 
-Every method sees the same token sequences: prompt + response + eos, the response re-tokenized from
-its text (the trajectory, pair, labelled and sft builders all do so), so one scoring pass serves all:
-a trajectory's `ref_logp` is the per-token list, a pair's or labelled record's the list's sum.
+Every method sees the same token sequences: the prompt's ids + the response's exact sampled ids ending
+in eos (`tasks.steps.target_ids`: every record carries them, `response_ids` / `chosen_ids` /
+`rejected_ids`), so one scoring pass serves all: a trajectory's `ref_logp` is the per-token list, a
+pair's or labelled record's the list's sum.
 
 Behaviour log-probs (mu in DQO's importance weight, eq. 16): we store pi0's log-probs at temperature
 1, the same numbers as `ref_logp`, so w(tau) = exp(min(1, sum log pi_theta/pi0)) starts at 1. The true
@@ -34,10 +35,11 @@ from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.data import tokenizer_dir
 from stepwise.pipeline.stages.dqo_process import sample_key, segment_token_rewards
 from stepwise.pipeline.stages.model import base_policy
-from stepwise.pipeline.stages.sampling import grade_records, sample_shards
+from stepwise.pipeline.stages.sampling import correct_as_sft, grade_records, sample_shards
 from stepwise.pipeline.step import in_step, replicas
+from stepwise.tasks.steps import target_ids
 
-SHARD_ONLY = ("token_ids", "token_logprobs", "solution")
+SHARD_ONLY = ("token_logprobs", "solution")
 DATASETS = {"dqo": "trajectories.jsonl", "dro": "trajectories.jsonl", "kto": "labelled.jsonl",
             "dpo": "pairs.jsonl", "rs_baseline": "rs.jsonl", "sft_baseline": "gold.jsonl"}
 
@@ -62,7 +64,7 @@ def sample_and_grade(ctx: StageContext) -> dict | None:
     if ctx.rank != 0:
         return None
     shards = [shard_path(out, index) for index in range(-(-len(chosen) // config.sampling.shard_size))]
-    graded = []  # without the per-token sampler fields (they stay in the shards) or the gold solution
+    graded = []  # without the sampler's log-probs (they stay in the shards) or the gold solution
     for shard in shards:
         rows = [{k: v for k, v in r.items() if k not in SHARD_ONLY} for r in read_jsonl(shard)]
         graded += grade_records(config.task.name, rows)
@@ -76,11 +78,6 @@ def sample_and_grade(ctx: StageContext) -> dict | None:
             "pass_at_n": sum(any(v) for v in outcomes.values()) / max(1, len(outcomes)),
             "all_wrong_problems": sum(not any(v) for v in outcomes.values()),
             "all_right_problems": sum(all(v) for v in outcomes.values())}
-
-
-def rs_records(graded: list[dict]) -> list[dict]:
-    """Rejection sampling: every correct response as an SFT record."""
-    return [{"prompt": r["problem"], "response": r["response"]} for r in graded if r["correct"]]
 
 
 def gold_records(train: list[dict], ids: set[str], source: str) -> list[dict]:
@@ -122,12 +119,12 @@ def dpo_pairs(graded: list[dict], count: int, seed: int) -> list[tuple[dict, dic
 
 
 def fitting(tokenizer, records: list[dict], max_seq_len: int) -> list[dict]:
-    """The records whose prompt + response + eos fit max_seq_len + 1 tokens (what the builders accept)."""
+    """The records whose prompt + sampled response + eos fit max_seq_len + 1 tokens (what the builders accept)."""
     if not records:
         return []
     prompts = tokenizer([r["problem"] for r in records], add_special_tokens=False)["input_ids"]
-    responses = tokenizer([r["response"] for r in records], add_special_tokens=False)["input_ids"]
-    return [r for r, p, y in zip(records, prompts, responses) if len(p) + len(y) + 1 <= max_seq_len + 1]
+    return [r for r, p in zip(records, prompts)
+            if len(p) + len(target_ids(r, tokenizer.eos_token_id)) <= max_seq_len + 1]
 
 
 def _process_rows(ctx: StageContext) -> dict[str, dict]:
@@ -157,13 +154,14 @@ def _fitting_samples(ctx: StageContext):
     tokenizer = load_tokenizer(tokenizer_dir(ctx))
     all_graded = read_jsonl(ctx.path("dqo_sample") / "graded.jsonl")
     graded = fitting(tokenizer, all_graded, ctx.config.model.max_seq_len)
-    return tokenizer, all_graded, graded, [sample_key(r["problem"], r["response"]) for r in graded]
+    return tokenizer, all_graded, graded, [sample_key(r["problem"], r["token_ids"]) for r in graded]
 
 
 def write_unique_responses(ctx: StageContext) -> dict:
     """(In a step.) dqo_datasets/reference.jsonl: each unique (prompt, response) that fits, to be scored."""
-    _, _, graded, keys = _fitting_samples(ctx)
-    unique = {k: {"prompt": r["problem"], "response": r["response"]} for k, r in zip(keys, graded)}
+    tokenizer, _, graded, keys = _fitting_samples(ctx)
+    unique = {k: {"prompt": r["problem"], "response": r["response"],
+                  "response_ids": target_ids(r, tokenizer.eos_token_id)} for k, r in zip(keys, graded)}
     write_jsonl(ctx.dir("dqo_datasets") / "reference.jsonl", list(unique.values()))
     return {"unique_responses": len(unique)}
 
@@ -178,25 +176,29 @@ def write_datasets(ctx: StageContext) -> dict:
     scores = scores_of(out / "reference.jsonl") if unique else []
     logp = {k: row["logprobs"] for k, row in zip(unique, scores)}
     process = _process_rows(ctx)
+    eos = tokenizer.eos_token_id
+    response_ids = {key: target_ids(r, eos) for key, r in zip(keys, graded)}
     trajectories = []
     for key, r in zip(keys, graded):
-        record = {"id": r["id"], "prompt": r["problem"], "response": r["response"],
+        record = {"id": r["id"], "prompt": r["problem"], "response": r["response"], "response_ids": response_ids[key],
                   "reward": 1.0 if r["correct"] else 0.0, "ref_logp": logp[key], "behaviour_logp": logp[key]}
         if process:
             row = process[key]
-            record["process_rewards"] = (segment_token_rewards(tokenizer, r["response"], row["segments"], row["step_rewards"])
-                                         if row["segments"] else [0.0] * len(logp[key]))
+            record["process_rewards"] = (segment_token_rewards(len(logp[key]), row["ends"], row["step_rewards"])
+                                         if row["ends"] else [0.0] * len(logp[key]))
         trajectories.append(record)
-    labelled = [{"prompt": r["problem"], "response": r["response"], "desirable": bool(r["correct"]),
-                 "ref_logp": sum(logp[k])} for k, r in zip(keys, graded)]
+    labelled = [{"prompt": r["problem"], "response": r["response"], "response_ids": response_ids[k],
+                 "desirable": bool(r["correct"]), "ref_logp": sum(logp[k])} for k, r in zip(keys, graded)]
     count = round(ctx.config.dqo_data.dpo_pair_ratio * len(trajectories))
-    pairs = [{"prompt": c["problem"], "chosen": c["response"], "rejected": w["response"],
-              "ref_chosen_logp": sum(logp[sample_key(c["problem"], c["response"])]),
-              "ref_rejected_logp": sum(logp[sample_key(w["problem"], w["response"])])}
-             for c, w in dpo_pairs(graded, count, ctx.config.run.seed)]
+    pairs = []
+    for chosen, rejected in dpo_pairs(graded, count, ctx.config.run.seed):
+        c, w = sample_key(chosen["problem"], chosen["token_ids"]), sample_key(rejected["problem"], rejected["token_ids"])
+        pairs.append({"prompt": chosen["problem"], "chosen": chosen["response"], "rejected": rejected["response"],
+                      "chosen_ids": response_ids[c], "rejected_ids": response_ids[w],
+                      "ref_chosen_logp": sum(logp[c]), "ref_rejected_logp": sum(logp[w])})
     ids = {r["id"] for r in all_graded}
     sets = {"trajectories.jsonl": trajectories, "labelled.jsonl": labelled, "pairs.jsonl": pairs,
-            "rs.jsonl": rs_records(graded),
+            "rs.jsonl": list(correct_as_sft(graded, eos)),
             "gold.jsonl": gold_records(read_jsonl(ctx.path("data") / "train.jsonl"), ids, str(ctx.path("data") / "train.jsonl"))}
     for name, records in sets.items():
         write_jsonl(out / name, records)

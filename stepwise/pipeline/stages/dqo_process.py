@@ -1,9 +1,10 @@
 """DQO with process scores (DQO paper §4.4, Figure 1): stage `dqo_process` and its pure rules.
 
-Each graded response y of `dqo_sample` is cut into n segments by `dqo_data.separator` (each
-segment keeps its trailing separator, so the segments concatenate back to y; blank steps join the
-segment before them; `dqo_data.max_segments` > 0 merges consecutive steps into at most that many
-segments of near-equal step counts). y[0:i] is the concatenation of the first i segments.
+Each graded response y of `dqo_sample` is cut into n segments at token positions of its sampled ids:
+the steps of `tasks.steps.step_ends` with `dqo_data.separator` (a step ends after a run of separators,
+so the segments concatenate back to y and a blank line is never a segment); `dqo_data.max_segments`
+> 0 merges consecutive steps into at most that many segments of near-equal step counts. y[0:i] is the
+first i segments' token ids: a rollout continues the prompt's ids and those, never re-tokenised text.
 
 The rule, exactly as implemented (`step_rewards`, `PrefixSearch`):
 - a FAILED response: for i = n-1, n-2, ..., 1 in turn, sample m = `dqo_data.process_completions`
@@ -34,31 +35,18 @@ from stepwise.pipeline.stages.model import base_policy
 from stepwise.pipeline.step import in_step, replicas
 
 
-def sample_key(prompt: str, response: str) -> str:
-    """The id of a (prompt, response) pair across the DQO data files."""
-    return hashlib.sha1(f"{prompt}\x00{response}".encode()).hexdigest()[:20]
+def sample_key(prompt: str, token_ids: list[int]) -> str:
+    """The id of a (prompt, sampled response ids) pair across the DQO data files."""
+    return hashlib.sha1(f"{prompt}\x00{token_ids}".encode()).hexdigest()[:20]
 
 
-def split_segments(response: str, separator: str, max_segments: int = 0) -> list[str]:
-    """Segments of `response` (see the module docstring); [] when it has no non-blank step."""
-    parts = response.split(separator)
-    pieces = [part + separator for part in parts[:-1]] + [parts[-1]]
-    segments: list[str] = []
-    carry = ""
-    for piece in pieces:
-        if not piece.replace(separator, "").strip():
-            if segments:
-                segments[-1] += piece
-            else:
-                carry += piece
-            continue
-        segments.append(carry + piece)
-        carry = ""
-    if max_segments and len(segments) > max_segments:
-        n = len(segments)
-        bounds = [round(j * n / max_segments) for j in range(max_segments + 1)]
-        segments = ["".join(segments[bounds[j]:bounds[j + 1]]) for j in range(max_segments)]
-    return segments
+def merge_steps(ends: list[int], max_segments: int = 0) -> list[int]:
+    """The segment ends of steps ending at `ends`: every step, or (max_segments > 0) at most that many
+    segments of consecutive steps with near-equal step counts."""
+    if not max_segments or len(ends) <= max_segments:
+        return list(ends)
+    n = len(ends)
+    return [ends[round(j * n / max_segments) - 1] for j in range(1, max_segments + 1)]
 
 
 def step_rewards(n: int, correct: bool, good_prefix: int) -> list[float]:
@@ -93,27 +81,15 @@ class PrefixSearch:
                 del self._next[key]
 
 
-def segment_token_rewards(tokenizer, response: str, segments: list[str], rewards: list[float]) -> list[float]:
-    """Per response token as `trajectory_data` tokenizes it (the response's tokens, then eos): each
-    segment's reward on the last token that starts inside the segment (a token spanning a boundary
-    belongs to the segment it starts in)."""
-    if "".join(segments) != response:
-        raise ValueError("segments do not concatenate to the response")
-    encoded = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
-    starts = [start for start, _ in encoded["offset_mapping"]]
-    out = [0.0] * (len(encoded["input_ids"]) + 1)
-    end = 0
-    for segment, reward in zip(segments, rewards):
-        end += len(segment)
-        inside = [k for k, start in enumerate(starts) if start < end]
-        if not inside:
-            raise ValueError(f"no token of the response starts before character {end}")
-        out[inside[-1]] += reward
+def segment_token_rewards(num_tokens: int, ends: list[int], rewards: list[float]) -> list[float]:
+    """Per response token (the sampled ids ending in eos, `num_tokens` of them): each segment's reward on
+    its last token."""
+    if len(ends) != len(rewards) or any(not 0 < end <= num_tokens for end in ends):
+        raise ValueError(f"segment ends {ends} do not fit {num_tokens} tokens with {len(rewards)} rewards")
+    out = [0.0] * num_tokens
+    for end, reward in zip(ends, rewards):
+        out[end - 1] += reward
     return out
-
-
-def _prefix_id(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def _run_search(ctx: StageContext, failed: dict[str, dict]) -> tuple[dict[str, int], dict]:
@@ -123,25 +99,28 @@ def _run_search(ctx: StageContext, failed: dict[str, dict]) -> tuple[dict[str, i
     from stepwise.pipeline.stages.sampling import make_replica
     from stepwise.sampling import read_shards, sample_to_shards
     from stepwise.tasks.grading import grade
+    from stepwise.tasks.steps import ids_key
 
     config, data = ctx.config, ctx.config.dqo_data
     params = replace(data.params, n=data.process_completions)
-    search = PrefixSearch({key: len(r["segments"]) for key, r in failed.items()})
+    search = PrefixSearch({key: len(r["ends"]) for key, r in failed.items()})
     counters = {"rounds": 0, "prefixes": 0, "completions": 0}
     sampler = None
     while search.pending():
         counters["rounds"] += 1
         pending = search.pending()
-        prefix_of = {key: "".join(failed[key]["segments"][:i]) for key, i in pending.items()}
+        prompt_of = {key: failed[key]["prompt_ids"] + failed[key]["response_ids"][:failed[key]["ends"][i - 1]]
+                     for key, i in pending.items()}
         records = {}
-        for key, prefix in prefix_of.items():
-            prompt = failed[key]["prompt"] + prefix
-            records.setdefault(_prefix_id(prompt), {"prefix_id": _prefix_id(prompt), "prompt": prompt,
-                                                    "prefix": prefix, "answer": failed[key]["answer"]})
+        for key, i in pending.items():
+            r = failed[key]
+            records.setdefault(ids_key(prompt_of[key]), {
+                "prefix_id": ids_key(prompt_of[key]), "prompt_ids": prompt_of[key], "answer": r["answer"],
+                "prefix": "".join(r["segments"][:i])})
         if sampler is None:
             sampler = make_replica(ctx, base_policy(ctx)[1], config.sampling.batch_size)
         out = ctx.dir("dqo_process") / f"round_{counters['rounds']:03d}"
-        sample_to_shards(sampler, list(records.values()), "prompt", params, out, shard_size=config.sampling.shard_size,
+        sample_to_shards(sampler, list(records.values()), "prompt_ids", params, out, shard_size=config.sampling.shard_size,
                          desc=f"dqo_process round {counters['rounds']}", rank=ctx.rank, world_size=ctx.world_size)
         ctx.barrier()
         ok: dict[str, bool] = {}
@@ -150,13 +129,13 @@ def _run_search(ctx: StageContext, failed: dict[str, dict]) -> tuple[dict[str, i
                 grade(config.task.name, sample["prefix"] + sample["response"], sample["answer"]))
             counters["completions"] += 1
         counters["prefixes"] += len(records)
-        search.update({key: ok[_prefix_id(failed[key]["prompt"] + prefix)] for key, prefix in prefix_of.items()})
+        search.update({key: ok[ids_key(prompt)] for key, prompt in prompt_of.items()})
     if sampler is not None:
         sampler.close()
     return search.result, counters
 
 
-@stage("dqo_process", depends=("dqo_sample", "export", "init"),
+@stage("dqo_process", depends=("dqo_sample", "export", "init", "tokenizer"),
        config_keys=("dqo_data.process_scores", "dqo_data.process_completions", "dqo_data.separator",
                     "dqo_data.max_segments", "dqo_data.params", "sampling.backend", "sampling.batch_size",
                     "sampling.shard_size", "task.name"))
@@ -171,22 +150,32 @@ def score_processes(ctx: StageContext) -> dict:
     data = ctx.config.dqo_data
     if not data.process_scores:
         return {"enabled": False}
+    from stepwise.pipeline.stages.data import tokenizer_dir
+    from stepwise.tasks.steps import decode_ids, encode_text, step_ends, text_ids
+    from stepwise.tasks.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir(ctx))
     unique: dict[str, dict] = {}
     for r in read_jsonl(ctx.path("dqo_sample") / "graded.jsonl"):
-        key = sample_key(r["problem"], r["response"])
-        unique.setdefault(key, {"key": key, "prompt": r["problem"], "answer": r["answer"], "correct": r["correct"],
-                                "segments": split_segments(r["response"], data.separator, data.max_segments)})
-    failed = {key: r for key, r in unique.items() if not r["correct"] and r["segments"]}
+        key = sample_key(r["problem"], r["token_ids"])
+        if key in unique:
+            continue
+        response_ids = text_ids(r)
+        ends = merge_steps(step_ends(response_ids, tokenizer, data.separator), data.max_segments)
+        unique[key] = {"key": key, "prompt_ids": encode_text(tokenizer, r["problem"]), "response_ids": response_ids,
+                       "answer": r["answer"], "correct": r["correct"], "ends": ends,
+                       "segments": [decode_ids(tokenizer, response_ids[a:b]) for a, b in zip([0] + ends[:-1], ends)]}
+    failed = {key: r for key, r in unique.items() if not r["correct"] and r["ends"]}
     good, counters = _run_search(ctx, failed)
     rows = []
     for key, r in unique.items():
-        n = len(r["segments"])
+        n = len(r["ends"])
         rewards = step_rewards(n, r["correct"], good.get(key, 0)) if n else []
-        rows.append({"key": key, "segments": r["segments"], "good_prefix": n if r["correct"] else good.get(key, 0),
-                     "step_rewards": rewards})
+        rows.append({"key": key, "ends": r["ends"], "segments": r["segments"],
+                     "good_prefix": n if r["correct"] else good.get(key, 0), "step_rewards": rewards})
     if ctx.rank == 0:
         write_jsonl(ctx.dir("dqo_process") / "process.jsonl", rows)
-    fractions = [good[key] / len(r["segments"]) for key, r in failed.items()]
+    fractions = [good[key] / len(r["ends"]) for key, r in failed.items()]
     return {"enabled": True, "responses": len(unique), "failed": len(failed), **counters,
             "failed_with_good_prefix": sum(good[key] > 0 for key in failed),
             "mean_good_fraction_failed": sum(fractions) / max(1, len(fractions))}

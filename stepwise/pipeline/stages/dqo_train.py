@@ -42,12 +42,12 @@ def evaluate_sampled(ctx: StageContext, model_dir: str, name: str, stage_name: s
     """(In a launched step, one worker.) The per-seed sampled accuracies of `sampled_accuracy`."""
     from stepwise.data.jsonl import write_jsonl
     from stepwise.pipeline.stages.data import problems
-    from stepwise.pipeline.stages.sampling import grade_records
-    from stepwise.sampling import make_sampler, read_shards, sample_to_shards
+    from stepwise.pipeline.stages.sampling import grade_records, make_replica
+    from stepwise.sampling import read_shards, sample_to_shards
 
     config, data = ctx.config, ctx.config.dqo_data
     test = problems(ctx, "test")[: config.eval.n_problems]
-    sampler = make_sampler(config.sampling.backend, model_dir, batch_size=config.eval.batch_size)
+    sampler = make_replica(ctx, model_dir, config.eval.batch_size)
     accuracies = []
     for k in range(data.eval_seeds):
         params = replace(data.params, n=1, max_tokens=config.eval.max_tokens, seed=data.params.seed + k)

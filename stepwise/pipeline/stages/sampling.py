@@ -45,6 +45,15 @@ def grade_records(task: str, records: list[dict]) -> list[dict]:
     return [{**r, "correct": bool(grade(task, r["response"], r["answer"]))} for r in records]
 
 
+def correct_as_sft(samples, eos_id: int):
+    """Rejection sampling's data: each correct sample as an SFT record of its exact sampled ids."""
+    from stepwise.tasks.steps import target_ids
+
+    for r in samples:
+        if r["correct"]:
+            yield {"prompt": r["problem"], "response": r["response"], "response_ids": target_ids(r, eos_id)}
+
+
 @stage("sample", depends=("export", "init", "data"), config_keys=("sampling", "run.seed", "skywork_dapo.generator"),
        iterative=True)
 def sample(ctx: StageContext) -> dict:
