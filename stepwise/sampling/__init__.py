@@ -1,5 +1,7 @@
 """Sampling completions from an exported HF model: the backend interface (`Sampler`, `make_sampler`),
-the `transformers` backend (`HFSampler`, imported lazily) and resumable JSONL shards."""
+the `transformers` backend (`HFSampler`, imported lazily), the vLLM backend (`sampling.vllm`, built by
+`make_sampler("vllm", ...)` where vllm is installed), prompts and completions shared by both
+(`sampling.requests`) and resumable JSONL shards."""
 from stepwise.sampling.base import (FINISH_REASONS, SAMPLERS, Completion, Sampler, SamplingParams, make_sampler,
                                     register_sampler, sample_key)
 from stepwise.sampling.shards import SAMPLE_FIELDS, read_shards, sample_to_shards

@@ -121,6 +121,13 @@ class Sampler(ABC):
     def close(self) -> None:
         """Free the model and any devices or worker processes; the sampler is unusable afterwards."""
 
+    def check_call(self, open_: bool, params: Any) -> None:
+        """Refuse a `generate` call after `close` (`open_` False) or with params that are not SamplingParams."""
+        if not open_:
+            raise RuntimeError(f"{type(self).__name__}.generate called after close()")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+
     def __enter__(self) -> "Sampler":
         return self
 
@@ -140,14 +147,9 @@ def _build_vllm(model_dir: str | os.PathLike, **options) -> Sampler:
     except ImportError as error:
         raise RuntimeError(f"sampling backend 'vllm' needs the vllm package, which cannot be imported here "
                            f"({error}); install requirements-cluster.txt or use backend 'hf'") from None
-    try:
-        module = importlib.import_module("stepwise.sampling.vllm")
-    except ModuleNotFoundError as error:
-        if error.name != "stepwise.sampling.vllm":
-            raise
-        raise RuntimeError("sampling backend 'vllm' is not implemented yet (no stepwise/sampling/vllm.py); "
-                           "use backend 'hf'") from None
-    return module.VLLMSampler(model_dir, **options)
+    from stepwise.sampling.vllm import VLLMSampler
+
+    return VLLMSampler(model_dir, **options)
 
 
 SAMPLERS: dict[str, Callable[..., Sampler]] = {"hf": _build_hf, "vllm": _build_vllm}

@@ -18,7 +18,7 @@ import os
 import torch
 
 from stepwise.sampling.base import Completion, Sampler, SamplingParams, sample_key
-from stepwise.sampling.requests import Prompt, encode_prompts
+from stepwise.sampling.requests import Prompt, completions_from_tokens, encode_prompts, eos_token_ids
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,13 +114,8 @@ class HFSampler(Sampler):
         self.batch_size = batch_size
         self.tokenizer = load_tokenizer(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
-        eos_ids = {self.tokenizer.eos_token_id}
-        configured = getattr(self.model.generation_config, "eos_token_id", None)
-        eos_ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-        eos_ids.discard(None)
-        if not eos_ids:
-            raise ValueError(f"{model_dir}: neither the tokenizer nor the generation config names an eos token")
-        self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long)
+        self.eos_ids = torch.tensor(eos_token_ids(self.tokenizer, self.model.generation_config, model_dir),
+                                    dtype=torch.long)
         pad_id = self.tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else int(self.eos_ids[0])
         # transformers 5.24 renamed `past_key_values` to `cache` (the old name is deprecated).
@@ -135,10 +130,7 @@ class HFSampler(Sampler):
 
     @torch.inference_mode()
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
-        if self.model is None:
-            raise RuntimeError("HFSampler.generate called after close()")
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        self.check_call(self.model is not None, params)
         if not prompts:
             return []
         requests = encode_prompts(self.tokenizer, prompts)
@@ -195,7 +187,6 @@ class HFSampler(Sampler):
         logprobs = torch.zeros((n_rows, max_tokens), dtype=torch.float32)
         lengths = torch.zeros(n_rows, dtype=torch.long)
         reasons = ["length"] * n_rows
-        texts: list[str | None] = [None] * n_rows
         for step in range(max_tokens):
             step_logprobs = sampling_logprobs(logits, params)
             picked = pick_tokens(step_logprobs, row_keys, step, params.greedy)
@@ -207,7 +198,7 @@ class HFSampler(Sampler):
             for j in done.nonzero().flatten().tolist():
                 reasons[int(active[j])] = "eos"
             if params.stop:
-                self._check_stops(tokens, active, done, step, params.stop, reasons, texts)
+                self._check_stops(tokens, active, done, step, params.stop, reasons)
             if step + 1 == max_tokens or bool(done.all()):
                 break
             if bool(done.any()):
@@ -221,11 +212,13 @@ class HFSampler(Sampler):
                                 position_ids=positions.unsqueeze(-1), use_cache=True, **{self.cache_arg: cache})
             logits = output.logits[:, -1]
             positions = positions + 1
-        return self._completions(tokens, logprobs, lengths, reasons, texts)
+        kept = list(enumerate(lengths.tolist()))
+        return completions_from_tokens(self.tokenizer, [tokens[row, :length].tolist() for row, length in kept],
+                                       [logprobs[row, :length].tolist() for row, length in kept], reasons, params.stop)
 
     def _check_stops(self, tokens: torch.Tensor, active: torch.Tensor, done: torch.Tensor, step: int,
-                     stops: list[str], reasons: list[str], texts: list[str | None]) -> None:
-        """Mark running rows whose text now contains a stop string; store their text cut before it."""
+                     stops: list[str], reasons: list[str]) -> None:
+        """Mark running rows whose text now contains a stop string as done (reason "stop")."""
         running = (~done).nonzero().flatten()
         if len(running) == 0:
             return
@@ -239,20 +232,6 @@ class HFSampler(Sampler):
             if not any(stop in tail for stop in stops):
                 continue
             text = self.tokenizer.decode(tokens[row, :step + 1].tolist(), skip_special_tokens=True)
-            cuts = [text.find(stop) for stop in stops if stop in text]
-            if cuts:
-                texts[row], reasons[row] = text[:min(cuts)], "stop"
+            if any(stop in text for stop in stops):
+                reasons[row] = "stop"
                 done[j] = True
-
-    def _completions(self, tokens: torch.Tensor, logprobs: torch.Tensor, lengths: torch.Tensor,
-                     reasons: list[str], texts: list[str | None]) -> list[Completion]:
-        token_lists = [tokens[row, :length].tolist() for row, length in enumerate(lengths.tolist())]
-        logprob_lists = [logprobs[row, :length].tolist() for row, length in enumerate(lengths.tolist())]
-        missing = [row for row, text in enumerate(texts) if text is None]
-        decoded = self.tokenizer.batch_decode(
-            [token_lists[row][:-1] if reasons[row] == "eos" else token_lists[row] for row in missing],
-            skip_special_tokens=True)
-        for row, text in zip(missing, decoded):
-            texts[row] = text
-        return [Completion(text=texts[row], token_ids=token_lists[row], token_logprobs=logprob_lists[row],
-                           finish_reason=reasons[row]) for row in range(len(reasons))]

@@ -75,7 +75,8 @@ def test_shards_take_id_prompts(sampler, tmp_path):
     assert without_prompt(from_ids) == without_prompt(from_text)
 
 
-@pytest.mark.parametrize("prompt, message", [([], "is an empty list of token ids"), (["a"], "has token id 'a' at position 0"),
+@pytest.mark.parametrize("prompt, message", [([], "is an empty list of token ids"),
+                                             (["a"], "has token id 'a' at position 0"),
                                              ({"ids": [1]}, "must be a string or a list of token ids, got dict"),
                                              (None, "must be a string or a list of token ids, got NoneType")])
 def test_shards_name_the_record_and_key_of_a_bad_prompt(tmp_path, prompt, message):

@@ -17,13 +17,18 @@ from stepwise.pipeline.step import in_step, replicas
 
 
 def make_replica(ctx: StageContext, model_dir: str, batch_size: int):
-    """This worker's sampler replica (inside a launched step): on its own GPU when there is one."""
+    """This worker's sampler replica (inside a launched step): vLLM on this worker's group of
+    sampling.tensor_parallel_size GPUs, the HF sampler on its own GPU when there is one."""
     import torch
 
     from stepwise.sampling import make_sampler
 
+    config = ctx.config.sampling
+    if config.backend == "vllm":
+        return make_sampler("vllm", model_dir, replica=ctx.local_rank, tensor_parallel_size=config.tensor_parallel_size,
+                            gpu_memory_utilization=config.gpu_memory_utilization, max_num_seqs=config.max_num_seqs)
     device = f"cuda:{ctx.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-    return make_sampler(ctx.config.sampling.backend, model_dir, batch_size=batch_size, device=device)
+    return make_sampler(config.backend, model_dir, batch_size=batch_size, device=device)
 
 
 def sample_shards(ctx: StageContext, model_dir: str, records: list[dict], prompt_key: str, params, out: Path,
