@@ -1,13 +1,16 @@
-"""One grading entry point: `grade(task, response, reference) -> bool` for "math", "gsm8k", "arith".
+"""One grading entry point: `grade(task, response, reference) -> bool` for "math", "gsm8k", "arith", "code".
 
 math: the response's last `\\boxed{}` / `\\fbox{}` against the reference's last one (or the bare
 reference), equal when math-verify says so (answers wrapped as inline LaTeX, guarded by its
 timeouts) or when the string/number fallback of `math_answers` matches; never raises.
 gsm8k: the number after the last `####` in the response against the reference's (a full GSM8K
-solution or a bare number), compared by value. arith: exact final `A:` line.
+solution or a bare number), compared by value. arith: exact final `A:` line. code: the response's
+program run, sandboxed, against the test spec in the reference (a dict or its JSON; see
+stepwise.tasks.code, which raises ValueError for a malformed spec).
 """
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -23,6 +26,12 @@ def _arith(response: str, reference: str) -> bool:
     from stepwise.tasks.arith import grade_arith
 
     return grade_arith(response, reference)
+
+
+def _code(response: str, reference: str) -> bool:
+    from stepwise.tasks.code import grade_code
+
+    return grade_code(response, reference)
 
 
 def _gsm8k(response: str, reference: str) -> bool:
@@ -65,15 +74,17 @@ def _math(response: str, reference: str) -> bool:
     return _math_verify_equal(gold, predicted) or math_answers_match(predicted, gold)
 
 
-GRADERS: dict[str, Callable[[str, str], bool]] = {"arith": _arith, "gsm8k": _gsm8k, "math": _math}
+GRADERS: dict[str, Callable[[str, str], bool]] = {"arith": _arith, "code": _code, "gsm8k": _gsm8k, "math": _math}
 
 
 def grade(task: str, response: str, reference: str) -> bool:
-    """Whether `response` reaches `reference` on `task`; ValueError only for an unknown task."""
+    """Whether `response` reaches `reference` on `task`; ValueError for an unknown task or a bad code spec."""
     if task not in GRADERS:
         raise ValueError(f"no grader for task '{task}'; valid: {sorted(GRADERS)}")
     if isinstance(reference, (int, float)) and not isinstance(reference, bool):
         reference = str(reference)
+    if isinstance(reference, dict):  # a code test spec
+        reference = json.dumps(reference)
     if not isinstance(response, str) or not isinstance(reference, str):
         return False
     return bool(GRADERS[task](response, reference))

@@ -132,5 +132,5 @@ def test_arith_and_unknown_task():
     assert grade("arith", "3+4=7\n7*2=4\nA: 4", "4")
     assert grade("gsm8k", "#### 42", 42) and grade("arith", "A: 4", 4)
     assert not grade("arith", "A: 5", "4")
-    with pytest.raises(ValueError, match="valid: \\['arith', 'gsm8k', 'math'\\]"):
-        grade("code", "x", "y")
+    with pytest.raises(ValueError, match="valid: \\['arith', 'code', 'gsm8k', 'math'\\]"):
+        grade("chess", "x", "y")
