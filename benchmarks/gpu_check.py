@@ -264,6 +264,7 @@ def check(args) -> dict:
     from stepwise.convert.hf_to_megatron import convert_hf_to_megatron
     from stepwise.models.flops import bf16_peak_flops
     from stepwise.models.hf_config import arch_from_hf_dict
+    from stepwise.parallel.runtime import shutdown
 
     began, cuda = time.perf_counter(), torch.cuda.is_available()
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
@@ -289,6 +290,7 @@ def check(args) -> dict:
                                           for name, run in report["runs"].items()}
     report["loss_gaps"] = {f"{a}-{b}": loss_gap(report["runs"], a, b) for a, b in (("te_bf16", "local"),
                                                                                   ("te_fp8", "te_bf16"))}
+    shutdown()  # megatron's groups and the process group go before the samplers (vLLM starts its own)
     report["generation"] = generation(exported, args, dtype)
     report["seconds"] = time.perf_counter() - began
     return report

@@ -1,7 +1,8 @@
 """Cross-field checks of a recipe, run at load time (before any process group or GPU work).
 
 Each failure names the key and the fix: TP x PP must divide the world size, attention and KV heads
-must divide by TP, layers by PP, the global batch by micro-batch x DP; names must be registered.
+must divide by TP, layers by PP, the global batch by micro-batch x DP; names must be registered;
+FP8 needs Transformer Engine and a length cap FP8's padded batches can reach.
 """
 from __future__ import annotations
 
