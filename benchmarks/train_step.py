@@ -25,46 +25,51 @@ def shape(args) -> dict:
                 max_position_embeddings=args.seq * 2, tie_word_embeddings=False)
 
 
-def batch(args, device) -> dict:
+def random_batch(vocab: int, rows: int, seq: int, device) -> dict:
+    """A seeded next-token batch of `rows` x `seq` random tokens, every position a target."""
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=generator)
+    ids = torch.randint(0, vocab, (rows, seq + 1), generator=generator)
     return {
         "input_ids": ids[:, :-1].contiguous().to(device),
         "labels": ids[:, 1:].contiguous().to(device),
-        "loss_mask": torch.ones(args.batch, args.seq, device=device),
-        "position_ids": torch.arange(args.seq, device=device).unsqueeze(0).expand(args.batch, -1).contiguous(),
-        "normalizer": torch.tensor(float(args.batch * args.seq), device=device),
+        "loss_mask": torch.ones(rows, seq, device=device),
+        "position_ids": torch.arange(seq, device=device).unsqueeze(0).expand(rows, -1).contiguous(),
+        "normalizer": torch.tensor(float(rows * seq), device=device),
     }
 
 
-def engine_step(args):
+def engine_step(fields: dict, model_config, rows: int, seq: int, init=None):
+    """(engine, one SFT step on a fixed random batch) for HF config `fields`, built as `model_config`
+    (a ModelConfig) says; `init` is a checkpoint to start from (random init without)."""
     from stepwise import losses
-    from stepwise.config.schema import ModelConfig, ParallelConfig, TrainConfig
+    from stepwise.checkpoint.state import load_checkpoint
+    from stepwise.config.schema import ParallelConfig, TrainConfig
     from stepwise.models.hf_config import arch_from_hf_dict
     from stepwise.parallel.runtime import init_parallel
     from stepwise.train.engine import build_engine
 
     layout = init_parallel(1, 1, seed=0)
-    dtype = "bfloat16" if args.bf16 else "float32"
-    train = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch)
-    engine = build_engine(arch_from_hf_dict(shape(args)), ModelConfig(max_seq_len=args.seq, dtype=dtype),
-                          ParallelConfig(), train, layout, total_steps=1000)
+    train = TrainConfig(global_batch_size=rows, micro_batch_size=rows)
+    engine = build_engine(arch_from_hf_dict(fields), model_config, ParallelConfig(), train, layout, total_steps=1000)
+    if init is not None:
+        load_checkpoint(init, engine.model)
+        engine.optimizer.reload_model_params()
     plugin = losses.get("sft")
     loss_fn = partial(plugin.compute, plugin.parse_options({}))
-    data = [batch(args, layout.device)]
-    return lambda: engine.train_step(data, loss_fn)
+    data = [random_batch(fields["vocab_size"], rows, seq, layout.device)]
+    return engine, lambda: engine.train_step(data, loss_fn)
 
 
-def transformers_step(args):
+def transformers_step(fields: dict, rows: int, seq: int, dtype: torch.dtype):
+    """One plain transformers (SDPA attention) training step of the same shape: AdamW, clipping."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fields = shape(args)
+    fields = dict(fields)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
-    data = batch(args, device)
+    data = random_batch(config.vocab_size, rows, seq, device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -95,7 +100,11 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
-    engine, reference = engine_step(args), transformers_step(args)
+    from stepwise.config.schema import ModelConfig
+
+    dtype = "bfloat16" if args.bf16 else "float32"
+    engine = engine_step(shape(args), ModelConfig(max_seq_len=args.seq, dtype=dtype), args.batch, args.seq)[1]
+    reference = transformers_step(shape(args), args.batch, args.seq, getattr(torch, dtype))
     engine(), reference()  # warm-up
     engine_times, reference_times = [], []
     for _ in range(args.rounds):

@@ -26,10 +26,9 @@ from stepwise.convert.mapping import hf_to_megatron_state
 from stepwise.convert.nemo_import import PREFIX
 from stepwise.convert.tables import rules_for
 from stepwise.models.hf_config import arch_from_hf, arch_from_hf_dict, load_hf_config
+from stepwise.models.te_spec import te_module_paths
 
 NEMO = "nemo.collections.llm.gpt.model."
-TE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "self_attention.core_attention",
-              "mlp.linear_fc1", "mlp.linear_fc2")
 
 
 def _callable(target: str, call: bool = False) -> dict:
@@ -103,7 +102,7 @@ def write_nemo_weights(hf_dir: Path, weights: Path, rows: int, drop: str | None 
             continue
         plain = dist_io.sharded_tensor(name, tensor, arch.num_layers)
         sharded[name] = dataclasses.replace(plain, key=PREFIX + plain.key)
-    for module in TE_MODULES:  # TE modules' fp8 metadata, an empty BytesIO without fp8
+    for module in te_module_paths():  # TE modules' fp8 metadata, an empty BytesIO without fp8
         key = f"{PREFIX}decoder.layers.{module}._extra_state"
         for layer in range(arch.num_layers):
             sharded[f"{key}.{layer}"] = ShardedObject(key, io.BytesIO(), (arch.num_layers,), (layer,), replica_id=0)

@@ -72,3 +72,28 @@ def within(name: str, observed: float, bound: float) -> None:
     line = f"[tolerance] {name}: observed {observed:.3e}, bound {bound:.3e} ({margin})"
     print(line)
     assert observed < bound, line
+
+
+# bf16 and FP8 (GPU tests). bf16 keeps 8 significant bits: storing a value rounds it by at most
+# UNIT_ROUNDOFF_BF16 relative. GEMMs accumulate in fp32, so gamma_n above is negligible next to it.
+UNIT_ROUNDOFF_BF16 = 2.0**-8
+UNIT_ROUNDOFF_E4M3 = 2.0**-4  # FP8 E4M3 (the forward format of the `hybrid` recipe): 3 mantissa bits
+
+
+def bf16_implementations_bound(scale: float, config: dict) -> float:
+    """Bound on |a - b| between two bf16 implementations of the same decoder (Transformer Engine's fused
+    kernels vs megatron's local modules) for outputs of magnitude `scale`: each of the chain's
+    `decoder_depth` reductions stores its result in bf16 on both sides, at different points (TE rounds a
+    fused norm + linear once where the local spec rounds twice), a relative error of at most
+    UNIT_ROUNDOFF_BF16 per side; to first order the chain's errors add, as in `reorder_bound`."""
+    return 2 * UNIT_ROUNDOFF_BF16 * decoder_depth(config["num_hidden_layers"]) * scale
+
+
+def fp8_loss_bound(loss: float) -> float:
+    """Bound on |FP8 loss - bf16 loss| of one forward pass on the same weights and batch: one E4M3
+    rounding of the loss itself. Each FP8 GEMM input is rounded by at most UNIT_ROUNDOFF_E4M3 relative,
+    but the rounding errors are zero-mean and independent, so they average out over each GEMM's
+    n-term sums and again over the loss's mean over tokens; a worst-case chain bound (as for bf16)
+    would exceed the loss itself and test nothing. A broken FP8 path (scales never set, amax lost, a
+    recipe mix-up) moves the loss by O(1) or to NaN, far outside."""
+    return UNIT_ROUNDOFF_E4M3 * abs(loss)

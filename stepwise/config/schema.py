@@ -49,10 +49,17 @@ class TokenizerConfig:
 
 @dataclass
 class FP8Config:
+    """FP8 training through Transformer Engine (`stepwise.models.precision`): GPUs of compute capability
+    >= 8.9 (H100; an A100 trains in bf16), sequences padded to the FP8 GEMMs' multiple."""
+
     enabled: bool = False
-    recipe: str = "delayed"  # delayed | current
-    margin: int = 0
-    amax_history_len: int = 1024
+    recipe: str = "tensorwise"  # tensorwise (per-tensor current scaling) | delayed | blockwise | mxfp8
+    margin: int = 0  # delayed scaling only
+    amax_history_len: int = 1024  # delayed scaling only
+    # forward-only scoring (pi_ref log-probs, critic values) in FP8 too; false: in model.dtype (bf16). FP8
+    # log-probs differ from bf16 ones by FP8 rounding, so with training in FP8 and pi_ref scored in bf16
+    # log pi/pi_ref starts off zero by that gap; true scores like the training pass
+    scoring: bool = False
 
 
 @dataclass
@@ -63,6 +70,7 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     max_seq_len: int = 128
     recompute_activations: bool = False
+    transformer_impl: str = "auto"  # te (Transformer Engine) | local (megatron + SDPA) | auto: te when it imports on CUDA
     fp8: FP8Config = field(default_factory=FP8Config)
 
 

@@ -1,16 +1,17 @@
 """Cross-field checks of a recipe, run at load time (before any process group or GPU work).
 
 Each failure names the key and the fix: TP x PP must divide the world size, attention and KV heads
-must divide by TP, layers by PP, the global batch by micro-batch x DP; names must be registered.
+must divide by TP, layers by PP, the global batch by micro-batch x DP; names must be registered;
+FP8 needs Transformer Engine and a length cap FP8's padded batches can reach.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from stepwise.config.schema import RecipeConfig, TrainConfig
+from stepwise.models.precision import FP8_RECIPES, TRANSFORMER_IMPLS, fp8_sequence_multiple
 
 DTYPES = ("float32", "bfloat16")
-FP8_RECIPES = ("delayed", "current")
 SCHEDULES = ("cosine", "constant", "linear")
 LAUNCHERS = ("torchrun", "srun", "inprocess")
 SAMPLING_BACKENDS = ("hf", "vllm")
@@ -136,6 +137,27 @@ def check_train(train: TrainConfig, section: str, dp: int, source: str) -> None:
                       f"{train.global_batch_size // dp} must be multiples of {section}.loss_args.kl_group_size={group}")
 
 
+def _check_fp8(config: RecipeConfig, source: str) -> None:
+    """FP8 needs TE's spec, and a length cap the padded batches can reach at every layout it trains or
+    scores at (`stepwise.models.precision.fp8_sequence_multiple`). The GPU is checked when the model is built."""
+    model = config.model
+    _one_of(source, "model.transformer_impl", model.transformer_impl, TRANSFORMER_IMPLS)
+    _one_of(source, "model.fp8.recipe", model.fp8.recipe, FP8_RECIPES)
+    if not model.fp8.enabled:
+        return
+    if model.transformer_impl == "local":
+        _fail(source, "model.fp8.enabled=true needs Transformer Engine: set model.transformer_impl=te (or auto)")
+    layouts = [("parallel", config.parallel)] + [(f"{s}.parallel", getattr(config, s).parallel) for s in TRAIN_SECTIONS
+                                                 if getattr(config, s).parallel is not None]
+    for where, parallel in layouts:
+        multiple = fp8_sequence_multiple(model.fp8.recipe, parallel.tp, parallel.sequence_parallel)
+        if model.max_seq_len % multiple:
+            _fail(source, f"model.max_seq_len={model.max_seq_len} must be a multiple of {multiple} with FP8 "
+                          f"(recipe {model.fp8.recipe!r}, {where}.tp={parallel.tp}"
+                          f"{', sequence parallel' if parallel.sequence_parallel and parallel.tp > 1 else ''}): "
+                          f"use {-(-model.max_seq_len // multiple) * multiple}")
+
+
 def _check_dqo_data(config: RecipeConfig, source: str) -> None:
     """The DQO data section (sampling parameters are checked by SamplingParams itself)."""
     data = config.dqo_data
@@ -154,7 +176,7 @@ def _check_dqo_data(config: RecipeConfig, source: str) -> None:
 def validate(config: RecipeConfig, source: str = "recipe") -> None:
     """Raise ConfigError on the first inconsistency."""
     _one_of(source, "model.dtype", config.model.dtype, DTYPES)
-    _one_of(source, "model.fp8.recipe", config.model.fp8.recipe, FP8_RECIPES)
+    _check_fp8(config, source)
     _one_of(source, "parallel.launcher", config.parallel.launcher, LAUNCHERS)
     _one_of(source, "sampling.backend", config.sampling.backend, SAMPLING_BACKENDS)
     _one_of(source, "task.name", config.task.name, TASKS)

@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 
 
-def megatron_logits(ckpt_dir: str | Path, input_ids: torch.Tensor, tp: int = 1, pp: int = 1, dtype: str | None = None):
+def megatron_logits(ckpt_dir: str | Path, input_ids: torch.Tensor, tp: int = 1, pp: int = 1, dtype: str | None = None,
+                    transformer_impl: str = "local"):
     """Logits [B, S, vocab] (real vocabulary, as fp32) on the logging rank (last stage, TP rank 0); None elsewhere.
 
-    Collective: every rank of a TP x PP world calls it. `dtype` defaults to the checkpoint's own.
+    Collective: every rank of a TP x PP world calls it. `dtype` defaults to the checkpoint's own;
+    `transformer_impl` "te" builds Transformer Engine's layer spec (a CUDA GPU with TE).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -40,7 +42,7 @@ def megatron_logits(ckpt_dir: str | Path, input_ids: torch.Tensor, tp: int = 1, 
     hf_meta = ckpt_layout.hf_metadata_dir(ckpt_dir)
     arch = arch_from_hf(hf_meta)
     dtype = dtype or saved_dtype(ckpt_layout.read_meta(ckpt_layout.resolve(ckpt_dir)), load_hf_config(hf_meta))
-    model = build_gpt_model(arch, EngineOptions(tp=tp, pp=pp, dtype=dtype, use_te=False))
+    model = build_gpt_model(arch, EngineOptions(tp=tp, pp=pp, dtype=dtype, transformer_impl=transformer_impl))
     load_checkpoint(ckpt_dir, model)
     model.eval()
     batch, seq = input_ids.shape

@@ -3,9 +3,10 @@
 Megatron names (`decoder.layers.3.input_layernorm.weight`) map to checkpoint keys the way
 megatron-core's own `sharded_state_dict()` maps them (tested against it): layer tensors are one
 global tensor per key with the layer index as a prepended axis, and the local spec's norms use the
-Transformer Engine names (`self_attention.linear_qkv.layer_norm_weight`), so a checkpoint loads into
-either spec at any TP/PP. Writing resolves each tensor lazily, when torch.distributed.checkpoint's
-writer asks for it, so host memory holds one tensor at a time; reading loads the tensors of one
+Transformer Engine names (`self_attention.linear_qkv.layer_norm_weight`) and every TE module gets an
+empty `_extra_state` object (its FP8 state), so a checkpoint loads into either spec at any TP/PP.
+Writing resolves each tensor lazily, when torch.distributed.checkpoint's writer asks for it, so
+host memory holds one tensor at a time; reading loads the tensors of one
 layer, in this process alone (no collective). Writing needs a process group, as megatron's own save
 does: with W ranks, each writes the tensors of its contiguous range of layers into its own file
 (`stepwise.convert.ranks`), the tensors stored are the same as with one, and rank 0 publishes.
@@ -56,15 +57,29 @@ def sharded_tensor(name: str, data: torch.Tensor, num_layers: int):
     return ShardedTensor.from_rank_offsets(key, data, (0, layer, num_layers), replica_id=0, prepend_axis_num=1)
 
 
+def extra_state_modules(names, num_layers: int) -> list[str]:
+    """The modules of megatron tensors `names` (a checkpoint's, or one writer rank's share of it) whose
+    `_extra_state` a model asks for at load: every Transformer Engine module of the TE layer spec in each layer (`te_spec.te_module_paths`:
+    the fused layernorm-linears, the linears and the fused attention), which include the local spec's
+    linear layers, and TE's final norm when the checkpoint has a final norm."""
+    from stepwise.models.te_spec import FINAL_NORM, te_module_paths
+
+    layers = sorted({layer for layer in (locate(n)[1] for n in names) if layer is not None})
+    modules = [f"{LAYERS}{layer}.{path}" for layer in layers for path in te_module_paths()]
+    return modules + ([FINAL_NORM] if f"{FINAL_NORM}.weight" in names else [])
+
+
 def extra_state_objects(names, num_layers: int) -> dict:
-    """The empty `_extra_state` objects megatron's linear layers checkpoint (loading requires them)."""
+    """The empty `_extra_state` objects of `extra_state_modules` (an empty one is what TE and megatron
+    load as "no FP8 state yet"), keyed as megatron's `sharded_state_dict()` keys them, so the
+    checkpoint loads into the local or the TE spec; a model that does not ask for one ignores it."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    modules = sorted({n.rsplit(".", 1)[0] for n in names if n.startswith(LAYERS) and ".linear_" in n})
     objects = {}
-    for module in modules:
+    for module in extra_state_modules(names, num_layers):
         key, layer = locate(f"{module}._extra_state")
-        objects[f"{module}._extra_state"] = ShardedObject(key, None, (num_layers,), (layer,), replica_id=0)
+        shape, offset = ((num_layers,), (layer,)) if layer is not None else ((1,), (0,))
+        objects[f"{module}._extra_state"] = ShardedObject(key, None, shape, offset, replica_id=0)
     return objects
 
 

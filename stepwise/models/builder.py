@@ -1,7 +1,8 @@
 """Build a megatron-core `GPTModel` (policy) from a `ModelArch`, for this rank's TP/PP coordinates.
 
-The layer spec is Transformer Engine's when `transformer_engine` imports and CUDA is present
-(FP8 then follows `fp8.enabled`), otherwise megatron's local spec with the SDPA core attention.
+The layer spec follows `model.transformer_impl` (`stepwise.models.precision`): Transformer Engine's
+(`stepwise.models.te_spec`; FP8 then follows `fp8.enabled`, checked against the GPU) or megatron's local
+spec with the SDPA core attention; `auto` takes TE when it imports and CUDA is present.
 The vocabulary is padded to a multiple of `make_vocab_size_divisible_by x TP`; the padded rows
 never receive probability: `stepwise.train.logprobs` masks them. Family numerics (GeGLU, Gemma's
 (1 + w) norms and scaled embeddings, llama3 rope frequencies) come from `stepwise.models.variants`.
@@ -13,12 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
+from stepwise.config.schema import FP8Config, ModelConfig
 from stepwise.models import variants
 from stepwise.models.attention import SDPAttention
 from stepwise.models.hf_config import ModelArch
+from stepwise.models.precision import fp8_problem, resolve_transformer_impl
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}
 
 
 @dataclass(frozen=True)
@@ -31,15 +33,17 @@ class EngineOptions:
     sequence_parallel: bool = False
     make_vocab_size_divisible_by: int = 128
     fp8: bool = False
-    fp8_recipe: str = "delayed"
-    fp8_margin: int = 0
-    fp8_amax_history_len: int = 1024
-    use_te: bool | None = None  # None: use TE when it imports and CUDA is present
+    fp8_recipe: str = FP8Config.recipe
+    fp8_margin: int = FP8Config.margin
+    fp8_amax_history_len: int = FP8Config.amax_history_len
+    transformer_impl: str = ModelConfig.transformer_impl  # auto | te | local
     recompute_activations: bool = False
 
 
-def te_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+def uses_te(options: EngineOptions) -> bool:
+    """Whether `options` build Transformer Engine's spec on this machine (an error for `te` without TE/CUDA)."""
+    te_importable = importlib.util.find_spec("transformer_engine") is not None
+    return resolve_transformer_impl(options.transformer_impl, te_importable, torch.cuda.is_available()) == "te"
 
 
 def padded_vocab_size(vocab_size: int, options: EngineOptions) -> int:
@@ -54,14 +58,18 @@ def transformer_config(arch: ModelArch, options: EngineOptions):
     if options.dtype not in DTYPES:
         raise ValueError(f"dtype {options.dtype!r} is not one of {sorted(DTYPES)}")
     dtype = DTYPES[options.dtype]
-    use_te = te_available() if options.use_te is None else options.use_te
     fp8 = {}
     if options.fp8:
-        if not use_te:
-            raise ValueError("fp8.enabled needs Transformer Engine and CUDA (pip install -r requirements-cluster.txt)")
+        if not uses_te(options):
+            raise ValueError(f"model.fp8.enabled=true needs Transformer Engine's layer spec, but "
+                             f"model.transformer_impl={options.transformer_impl!r} builds the local one here "
+                             f"(FP8 runs on a CUDA GPU with transformer_engine; pip install -r requirements-cluster.txt)")
+        problem = fp8_problem(torch.cuda.get_device_capability(), options.fp8_recipe)
+        if problem:
+            raise ValueError(problem)
         fp8 = dict(
             fp8="hybrid",
-            fp8_recipe=FP8_RECIPES[options.fp8_recipe],
+            fp8_recipe=options.fp8_recipe,
             fp8_margin=options.fp8_margin,
             fp8_amax_history_len=options.fp8_amax_history_len,
             fp8_amax_compute_algo="max",
@@ -103,16 +111,17 @@ def transformer_config(arch: ModelArch, options: EngineOptions):
 
 
 def layer_spec(options: EngineOptions, config=None):
-    """TE spec when available (fused attention, FP8), else the local spec with SDPA attention.
+    """TE's spec (fused RMSNorm + linear, fused attention, FP8) or the local spec with SDPA attention.
 
     With `config.layernorm_zero_centered_gamma` (Gemma) the local spec gets (1 + w) norms, the final
     one included, so it becomes a block spec for this pipeline stage's layers.
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
-    use_te = te_available() if options.use_te is None else options.use_te
-    if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    if uses_te(options):
+        from stepwise.models.te_spec import te_layer_spec
+
+        return te_layer_spec()
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if config is None or not config.layernorm_zero_centered_gamma:

@@ -2,15 +2,20 @@
 
 The order of samples depends only on (seed, dataset size), never on the DP size: global batch k is
 samples [k*G, (k+1)*G) of the epoch's permutation, and DP rank r takes its contiguous slice. Every
-rank sees the same global batch, so the global normaliser needs no communication.
+rank sees the same global batch, so the global normaliser needs no communication. Batches are
+right-padded to a multiple of LENGTH_MULTIPLE tokens, or of what FP8's GEMMs need when FP8 is on
+(`length_multiple`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from stepwise.data.jsonl import DataError
+
+LENGTH_MULTIPLE = 8
 
 
 @dataclass
@@ -65,9 +70,20 @@ def dp_slice(indices: list[int], dp_rank: int, dp_size: int) -> list[int]:
     return indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
 
 
-def pad_length(lengths: list[int], max_seq_len: int, multiple: int = 8) -> int:
+def pad_length(lengths: list[int], max_seq_len: int, multiple: int = LENGTH_MULTIPLE) -> int:
     longest = max(lengths)
     return min(max_seq_len, -(-longest // multiple) * multiple)
+
+
+def length_multiple(model, parallel) -> int:
+    """What a batch's length is padded to a multiple of for `model` (ModelConfig) at `parallel`
+    (ParallelConfig): LENGTH_MULTIPLE, or with FP8 on what TE's FP8 GEMMs need (16 tokens, 32 for
+    MXFP8, times TP under sequence parallelism). The recipe check makes model.max_seq_len one too."""
+    if not model.fp8.enabled:
+        return LENGTH_MULTIPLE
+    from stepwise.models.precision import fp8_sequence_multiple
+
+    return math.lcm(LENGTH_MULTIPLE, fp8_sequence_multiple(model.fp8.recipe, parallel.tp, parallel.sequence_parallel))
 
 
 def collate_sft(sequences: list[dict], length: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -103,6 +119,7 @@ class SequenceBatches:
     `label_shift` is 1 for next-token records (len(ids) - 1 positions), 0 when every token is read."""
 
     label_shift = 1
+    length_multiple = LENGTH_MULTIPLE  # `length_multiple(model, parallel)` where FP8 needs more
 
     def __init__(self, sequences: list[dict], pad_id: int, max_seq_len: int, micro_batch_size: int):
         self.sequences = sequences
@@ -121,7 +138,7 @@ class SequenceBatches:
 
     def length(self, sequences: list[dict]) -> int:
         """Padded length of a global batch of `sequences` (every DP rank pads alike)."""
-        return pad_length([len(s["ids"]) - self.label_shift for s in sequences], self.max_seq_len)
+        return pad_length([len(s["ids"]) - self.label_shift for s in sequences], self.max_seq_len, self.length_multiple)
 
     def mine(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict]:
         return [self.sequences[i] for i in dp_slice(indices, dp_rank, dp_size)]

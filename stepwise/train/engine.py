@@ -24,18 +24,20 @@ from stepwise.parallel.runtime import Layout
 from stepwise.train.logprobs import token_logprobs
 
 
-def engine_options(model: ModelConfig, parallel: ParallelConfig) -> EngineOptions:
+def engine_options(model: ModelConfig, parallel: ParallelConfig, scoring: bool = False) -> EngineOptions:
+    """How to build the model of `model` at `parallel`; forward-only `scoring` uses FP8 only with model.fp8.scoring."""
     return EngineOptions(
         tp=parallel.tp,
         pp=parallel.pp,
         dtype=model.dtype,
         sequence_parallel=parallel.sequence_parallel and torch.cuda.is_available(),
         make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
-        fp8=model.fp8.enabled,
+        fp8=model.fp8.enabled and (model.fp8.scoring or not scoring),
         fp8_recipe=model.fp8.recipe,
         fp8_margin=model.fp8.margin,
         fp8_amax_history_len=model.fp8.amax_history_len,
         recompute_activations=model.recompute_activations,
+        transformer_impl=model.transformer_impl,
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from stepwise.data.jsonl import _check_field
-from stepwise.train.batches import DataOrder, collate_sft, dp_slice, pad_length, split_micro_batches
+from stepwise.train.batches import LENGTH_MULTIPLE, DataOrder, collate_sft, dp_slice, pad_length, split_micro_batches
 from stepwise.train.sft_data import tokenize_sft
 
 
@@ -39,6 +39,8 @@ def tokenize_pairs(records: list[dict], tokenizer, max_seq_len: int, source: str
 class PairBatches:
     """This DP rank's micro-batches of a global batch of pairs (normaliser: pairs)."""
 
+    length_multiple = LENGTH_MULTIPLE  # as SequenceBatches.length_multiple
+
     def __init__(self, pairs: list[dict], pad_id: int, max_seq_len: int, micro_batch_size: int):
         self.pairs = pairs
         self.pad_id = pad_id
@@ -56,7 +58,7 @@ class PairBatches:
 
     def micro_batches(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
         length = pad_length([len(self.pairs[i][side]["ids"]) - 1 for i in indices for side in ("chosen", "rejected")],
-                            self.max_seq_len)
+                            self.max_seq_len, self.length_multiple)
         mine = [self.pairs[i] for i in dp_slice(indices, dp_rank, dp_size)]
         batch = collate_sft([p[side] for p in mine for side in ("chosen", "rejected")], length, self.pad_id)
         batch["ref_logp"] = torch.tensor([v for p in mine for v in p["ref_logp"]], dtype=torch.float32)

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from stepwise.models.hf_config import arch_from_hf
     from stepwise.parallel.runtime import init_parallel, shutdown
     from stepwise.tasks.tokenizer import load_tokenizer
-    from stepwise.train.batches import dp_slice
+    from stepwise.train.batches import dp_slice, length_multiple
     from stepwise.train.engine import engine_options
     from stepwise.train.worker import build_batches
 
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     layout = init_parallel(parallel.tp, parallel.pp, seed=config.run.seed)
     arch = arch_from_hf(ckpt_layout.hf_metadata_dir(args.ckpt))
     builder = build_critic_model if args.kind == "critic" else build_gpt_model
-    model = builder(arch, engine_options(config.model, parallel), max_seq_len=config.model.max_seq_len)
+    options = engine_options(config.model, parallel, scoring=True)
+    model = builder(arch, options, max_seq_len=config.model.max_seq_len)
     load_checkpoint(args.ckpt, model)
     model.eval()
     records = read_jsonl(args.data)
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         kind = "values" if args.kind == "critic" else "action"
         batches = build_batches(kind, records, tokenizer, config, config.sft, args.data)
+    if options.fp8:  # model.fp8.scoring: FP8's GEMMs need longer multiples
+        batches.length_multiple = length_multiple(config.model, parallel)
     mine = dp_slice(list(range(len(records))), layout.dp_rank, layout.dp)
     mine += list(range(len(records)))[len(mine) * layout.dp :] if layout.dp_rank == layout.dp - 1 else []
     scores: list[list[float]] = []

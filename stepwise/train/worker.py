@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from stepwise.parallel.agree import rank_symmetric
     from stepwise.parallel.runtime import init_parallel, shutdown
     from stepwise.tasks.tokenizer import load_tokenizer
+    from stepwise.train.batches import length_multiple
     from stepwise.train.engine import build_engine
     from stepwise.train.loop import run_training, total_steps
 
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
         records, where, count = read_records(args.data, plugin.data_kind, screen)
         batches = build_batches(plugin.data_kind, records, tokenizer, config, train, args.data, where=where, screen=screen)
+        batches.length_multiple = length_multiple(config.model, parallel)  # FP8's GEMMs need more than the default
         screen.finish(count, args.data)
         value_init, value_arch = None, None
         if plugin.model_kind == "policy_value" and config.dqo_data.value_model == "separate":

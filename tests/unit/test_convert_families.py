@@ -87,7 +87,8 @@ def test_streamed_checkpoint_keys_are_megatrons_own(tmp_path, family):
         ours[placeholder.key] = tuple(placeholder.global_shape)
         names.append(name)
     assert ours == theirs
-    assert {o.unique_key for o in dist_io.extra_state_objects(names, arch.num_layers).values()} == their_objects
+    # the local spec's objects are among ours (which add the TE modules': tests/unit/test_te_spec.py)
+    assert their_objects <= {o.unique_key for o in dist_io.extra_state_objects(names, arch.num_layers).values()}
 
 
 def test_streamed_safetensors_shard_index_and_replace_an_older_export(tmp_path):
