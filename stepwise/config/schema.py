@@ -120,6 +120,7 @@ class TrainConfig:
     data_errors: str = "strict"  # bad input records: strict (stop before training) | lenient (skip, count)
     max_bad_fraction: float = 0.01  # lenient: abort when more than this fraction of records is bad
     score_micro_batch_size: Optional[int] = None  # forward-only scoring with this section's model; None: micro_batch_size
+    tensorboard: bool = False  # TensorBoard event files beside metrics.jsonl (needs the tensorboard package)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: Optional[ParallelConfig] = None  # this section's own layout (a 7B critic beside a 72B policy); None: the recipe's
 

@@ -27,6 +27,7 @@ from stepwise.data.jsonl import atomic_write_text
 from stepwise.parallel import inject
 from stepwise.train.engine import Engine
 from stepwise.train.guard import NonFiniteError, Requeue, StopGuard, mark_requeue
+from stepwise.train.metric_sinks import MetricSinks
 
 
 def total_steps(train: TrainConfig, batches, seed: int) -> int:
@@ -142,6 +143,7 @@ def run_training(
     if log_rank and start:
         _trim_metrics(metrics_file, start)
     progress = tqdm(total=steps, initial=start, desc=desc, disable=not log_rank, dynamic_ncols=True, mininterval=2.0)
+    sinks = MetricSinks(root, f"{root.resolve().parent.parent.name}-{desc}", train.tensorboard, meta) if log_rank else None
     saves = AsyncSaves(engine, root, train) if train.async_save else None
     last: dict = {}
     with StopGuard(train.max_wall_minutes) as guard:
@@ -163,8 +165,7 @@ def run_training(
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                                          tok_s=f"{tokens / seconds:,.0f}", refresh=False)
                     if (step + 1) % train.log_every == 0 or step + 1 == steps or metrics["nonfinite"]:
-                        with metrics_file.open("a") as handle:
-                            handle.write(json.dumps(last) + "\n")
+                        sinks.write(last)
                 if on_step is not None:
                     on_step(last)
                 if metrics["nonfinite"]:
@@ -190,6 +191,8 @@ def run_training(
                         raise Requeue(message)
         finally:
             progress.close()
+            if sinks is not None:
+                sinks.close()
     if saves is not None:
         saves.finish()
     if latest_step(root) != steps:

@@ -94,10 +94,11 @@ def report_critic_splits(ctx: StageContext, splits: list[str]) -> dict:
     return reports
 
 
-def _actions_per_state(ctx: StageContext):
+def _actions_per_state(ctx: StageContext, too_long: list[str]):
     """(state, its sampled first steps) per state, streamed from the graded completions (a state's
     completions are contiguous: they share a shard). An action is the first step's slice of the
-    completion's token ids; a one-step completion ends the solution and keeps its eos."""
+    completion's token ids; a one-step completion ends the solution and keeps its eos. Actions whose next
+    state exceeds model.max_seq_len are left out (their state ids appended to `too_long`)."""
     from stepwise.pipeline.stages.data import tokenizer_dir
     from stepwise.tasks.steps import decode_ids, step_ends, text_ids
     from stepwise.tasks.tokenizer import load_tokenizer
@@ -113,6 +114,9 @@ def _actions_per_state(ctx: StageContext):
                 continue
             last = len(ends) == 1
             action_ids = record["token_ids"] if last else record["token_ids"][:ends[0]]
+            if len(record["prompt_ids"]) + len(action_ids) > ctx.config.model.max_seq_len:
+                too_long.append(sid)  # neither the critic nor the policy could read this next state
+                continue
             actions.append({"step": decode_ids(tokenizer, text_ids(record)[:ends[0]]), "ends": last,
                             "action_ids": action_ids, "correct": record["correct"]})
         if actions:
@@ -138,33 +142,35 @@ def state_advantages(actions: list[dict], min_gap: float) -> tuple[list[dict], f
     return [{**a, "advantage": a["value"] - baseline} for a in unique], gap
 
 
-@stage("advantage", depends=("critic", "complete", "sft", "init"), config_keys=("skywork_dapo", "task.name"), iterative=True)
+@stage("advantage", depends=("critic", "complete", "sft", "init"), config_keys=("skywork_dapo", "task.name", "model.max_seq_len"),
+       iterative=True)
 def advantage(ctx: StageContext) -> dict:
     """Next-state values by the critic, advantages and the gap filter, then pi_ref's log-probs of the
     kept actions: two scoring launches between three steps that shape the data."""
-    if in_step(ctx, write_next_states)["next_states"]:
+    written = in_step(ctx, write_next_states)
+    if written["next_states"]:
         score_file(ctx, ctx.summary("critic")["checkpoints"], "critic", ctx.path("advantage") / "next.jsonl")
     chosen = in_step(ctx, choose_actions)
     if chosen["actions"]:
         score_file(ctx, reference_policy(ctx)[0], "policy", ctx.path("advantage") / "kept.jsonl")
-    return {**chosen, **in_step(ctx, write_actions)}
+    return {**chosen, "actions_too_long": written["actions_too_long"], **in_step(ctx, write_actions)}
 
 
 def write_next_states(ctx: StageContext) -> dict:
     """(In a step, streamed.) advantage/per_state.jsonl (each state's sampled first steps) and
     advantage/next.jsonl (the next states the critic values: those of actions that do not end the solution)."""
-    out, count = ctx.dir("advantage"), 0
+    out, count, too_long = ctx.dir("advantage"), 0, []
     for stale in ("next.jsonl", "kept.jsonl"):  # scores of an earlier attempt's files
         shutil.rmtree(scores_dir(out / stale), ignore_errors=True)
     with jsonl_output(out / "per_state.jsonl") as write_state, jsonl_output(out / "next.jsonl") as write_next:
-        for state, actions in _actions_per_state(ctx):
+        for state, actions in _actions_per_state(ctx, too_long):
             write_state({**state, "actions": actions})
             for action in actions:
                 if not action["ends"]:
                     next_ids = state["prompt_ids"] + action["action_ids"]
                     write_next({"ids": next_ids, "ends": [len(next_ids)], "mc": [0.0]})
                     count += 1
-    return {"next_states": count}
+    return {"next_states": count, "actions_too_long": len(too_long)}
 
 
 def choose_actions(ctx: StageContext) -> dict:
