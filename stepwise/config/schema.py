@@ -146,6 +146,7 @@ class SkyworkDAPOConfig:
     completions: int = 16  # m rollouts per state for its MC value
     completion_temperature: float = 1.0  # the completer samples pi_ref itself
     advantage_gap: float = 0.1  # delta: keep states with max A - min A >= delta
+    advantage_source: str = "critic"  # critic: V of the next state | mc: mean outcome of the completions starting with the action
     critic_holdout: float = 0.1  # fraction of problems whose states only evaluate the critic
     critic_init: Optional[str] = None  # HF causal-LM dir the critic starts from (paper: Qwen2.5-Math-7B-Instruct); None: pi0
     iterations: int = 1  # rounds of the loop; round k > 1 uses round k-1's policy as pi_ref (paper §4.3)

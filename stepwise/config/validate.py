@@ -195,6 +195,7 @@ def validate(config: RecipeConfig, source: str = "recipe") -> None:
         _fail(source, f"skywork_dapo.iterations={dapo.iterations} must be >= 1")
     for role in ("generator", "completer"):
         _one_of(source, f"skywork_dapo.{role}", getattr(dapo, role), ("previous", "base"))
+    _one_of(source, "skywork_dapo.advantage_source", dapo.advantage_source, ("critic", "mc"))
     if len(set(config.run.seeds)) != len(config.run.seeds):
         _fail(source, f"run.seeds={config.run.seeds} repeats a seed")
     policy_fields = _hf_fields(config, source)

@@ -42,8 +42,9 @@ def test_smoke_recipe_runs_every_stage_and_skips_them_on_rerun(tmp_path):
     one process, beside the policy's TP 2), then a re-run that skips everything."""
     run_dir = tmp_path / "smoke"
     critic_hf = a_smaller_critic_model(run_dir)
+    demo_stages = load_recipe(REPO / "recipes/tiny/skywork_dapo_arith.yaml").run.stages  # with mc_ablation
     overrides = (f"run.dir={run_dir}", "skywork_dapo.iterations=2", f"skywork_dapo.critic_init={critic_hf}",
-                 "critic.parallel.tp=1", "critic.parallel.nproc_per_node=1")
+                 "critic.parallel.tp=1", "critic.parallel.nproc_per_node=1", f"run.stages=[{','.join(demo_stages)}]")
     first = stepwise("run", "recipes/tiny/smoke.yaml", *overrides)
     assert f"report: {run_dir}/report.md" in first.stdout
     report = json.loads((run_dir / "report.json").read_text())
@@ -53,7 +54,10 @@ def test_smoke_recipe_runs_every_stage_and_skips_them_on_rerun(tmp_path):
     assert (run_dir / "export" / "policy" / "model.safetensors").is_file()
     stages = load_recipe(REPO / "recipes/tiny/smoke.yaml").run.stages
     assert {"select", "segment", "complete", "critic", "advantage", "policy", "dapo_eval"} <= set(stages)
-    for stage in stages:
+    assert set(demo_stages) == set(stages) | {"mc_ablation"}
+    mc = report["stages"]["mc_ablation"]
+    assert mc["value_source"] == "mc" and mc["states"] == report["stages"]["advantage"]["states"]
+    for stage in demo_stages:
         assert json.loads((run_dir / stage / "manifest.json").read_text())["stage"] == stage
     assert report["stages"]["dapo_eval"]["iteration_1"]["problems"] == 64
     assert report["stages"]["critic"]["train"]["states"] > 0
@@ -71,7 +75,7 @@ def test_smoke_recipe_runs_every_stage_and_skips_them_on_rerun(tmp_path):
     assert critic_meta["init"] == str(run_dir / "init" / "critic") and critic_meta["tp"] == 1 and critic_meta["dp"] == 1
     assert json.loads((run_dir / "critic" / "checkpoints" / "hf" / "config.json").read_text())["hidden_size"] == 64
     second = stepwise("run", "recipes/tiny/smoke.yaml", *overrides)
-    assert second.stdout.count("up to date, skipped") == len(stages) + 9
+    assert second.stdout.count("up to date, skipped") == len(demo_stages) + 9
 
 
 def test_bad_override_fails_before_any_work(tmp_path):

@@ -51,3 +51,18 @@ def test_terminal_actions_take_the_reward_and_others_the_critic():
     actions = [{"ends": False}, {"ends": True, "step": "A: 3"}, {"ends": False}]
     assign_values(actions, iter([0.4, 0.7]), lambda a: 1.0 if a["step"] == "A: 3" else 0.0)
     assert [a["value"] for a in actions] == [0.4, 1.0, 0.7]
+
+
+def test_mc_values_are_the_mean_outcome_of_the_completions_sharing_the_first_step():
+    from stepwise.pipeline.stages.dapo_train import mc_values
+
+    actions = [{"action_ids": [1, 2], "correct": True}, {"action_ids": [1, 2], "correct": False},
+               {"action_ids": [3], "correct": False}, {"action_ids": [1, 2], "correct": True},
+               {"action_ids": [1], "correct": True}]  # [1] is another action than [1, 2]
+    mc_values(actions)
+    assert [a["value"] for a in actions] == pytest.approx([2 / 3, 2 / 3, 0.0, 2 / 3, 1.0])
+    kept, gap = state_advantages(actions, 0.1)
+    baseline = (2 / 3 * 3 + 0 + 1) / 5
+    advantages = {tuple(a["action_ids"]): a["advantage"] for a in kept}
+    assert gap == 1.0 and len(kept) == 3
+    assert advantages == pytest.approx({(1, 2): 2 / 3 - baseline, (3,): -baseline, (1,): 1 - baseline})

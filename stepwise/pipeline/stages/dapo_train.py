@@ -145,21 +145,27 @@ def state_advantages(actions: list[dict], min_gap: float) -> tuple[list[dict], f
 @stage("advantage", depends=("critic", "complete", "sft", "init"), config_keys=("skywork_dapo", "task.name", "model.max_seq_len"),
        iterative=True)
 def advantage(ctx: StageContext) -> dict:
-    """Next-state values by the critic, advantages and the gap filter, then pi_ref's log-probs of the
-    kept actions: two scoring launches between three steps that shape the data."""
-    written = in_step(ctx, write_next_states)
-    if written["next_states"]:
-        score_file(ctx, ctx.summary("critic")["checkpoints"], "critic", ctx.path("advantage") / "next.jsonl")
-    chosen = in_step(ctx, choose_actions)
+    return advantage_data(ctx, "advantage", ctx.config.skywork_dapo.advantage_source)
+
+
+def advantage_data(ctx: StageContext, stage_name: str, source: str) -> dict:
+    """Next-state values (by the critic, or `mc`: the completions' own outcomes), advantages and the gap
+    filter, then pi_ref's log-probs of the kept actions, in `stage_name`'s directory: scoring launches
+    between three steps that shape the data."""
+    written = in_step(ctx, write_next_states, stage_name=stage_name)
+    if source == "critic" and written["next_states"]:
+        score_file(ctx, ctx.summary("critic")["checkpoints"], "critic", ctx.path(stage_name) / "next.jsonl")
+    chosen = in_step(ctx, choose_actions, stage_name=stage_name, source=source)
     if chosen["actions"]:
-        score_file(ctx, reference_policy(ctx)[0], "policy", ctx.path("advantage") / "kept.jsonl")
-    return {**chosen, "actions_too_long": written["actions_too_long"], **in_step(ctx, write_actions)}
+        score_file(ctx, reference_policy(ctx)[0], "policy", ctx.path(stage_name) / "kept.jsonl")
+    return {**chosen, "value_source": source, "actions_too_long": written["actions_too_long"],
+            **in_step(ctx, write_actions, stage_name=stage_name)}
 
 
-def write_next_states(ctx: StageContext) -> dict:
-    """(In a step, streamed.) advantage/per_state.jsonl (each state's sampled first steps) and
-    advantage/next.jsonl (the next states the critic values: those of actions that do not end the solution)."""
-    out, count, too_long = ctx.dir("advantage"), 0, []
+def write_next_states(ctx: StageContext, stage_name: str) -> dict:
+    """(In a step, streamed.) STAGE/per_state.jsonl (each state's sampled first steps) and STAGE/next.jsonl
+    (the next states the critic values: those of actions that do not end the solution)."""
+    out, count, too_long = ctx.dir(stage_name), 0, []
     for stale in ("next.jsonl", "kept.jsonl"):  # scores of an earlier attempt's files
         shutil.rmtree(scores_dir(out / stale), ignore_errors=True)
     with jsonl_output(out / "per_state.jsonl") as write_state, jsonl_output(out / "next.jsonl") as write_next:
@@ -173,19 +179,33 @@ def write_next_states(ctx: StageContext) -> dict:
     return {"next_states": count, "actions_too_long": len(too_long)}
 
 
-def choose_actions(ctx: StageContext) -> dict:
-    """(In a step, streamed.) Values of next states (critic, or the graded reward of a final step),
-    advantages, the gap filter; the kept actions go to advantage/kept.jsonl."""
+def mc_values(actions: list[dict]) -> None:
+    """The Monte-Carlo value of each action's next state, with no critic: the mean outcome of the state's
+    completions whose first step is that action (the estimate the completions already hold)."""
+    outcomes: dict[tuple, list[bool]] = {}
+    for action in actions:
+        outcomes.setdefault(tuple(action["action_ids"]), []).append(action["correct"])
+    for action in actions:
+        same = outcomes[tuple(action["action_ids"])]
+        action["value"] = sum(same) / len(same)
+
+
+def choose_actions(ctx: StageContext, stage_name: str, source: str) -> dict:
+    """(In a step, streamed.) Values of next states (critic, or the graded reward of a final step; or the
+    completions' MC estimates), advantages, the gap filter; the kept actions go to STAGE/kept.jsonl."""
     from stepwise.tasks.grading import grade
 
-    out = ctx.path("advantage")
+    out = ctx.path(stage_name)
     values = (row["values"][0] for row in scores_of(out / "next.jsonl"))
     answers = {row["state_id"]: row["answer"] for row in iter_jsonl(ctx.path("segment") / "states.jsonl")}
     states, kept, gap_sum = 0, 0, 0.0
     with jsonl_output(out / "kept.jsonl") as write_kept:
         for row in iter_jsonl(out / "per_state.jsonl"):
             sid, actions = row["state_id"], row["actions"]
-            assign_values(actions, values, lambda a: float(grade(ctx.config.task.name, a["step"], answers[sid])))
+            if source == "mc":
+                mc_values(actions)
+            else:
+                assign_values(actions, values, lambda a: float(grade(ctx.config.task.name, a["step"], answers[sid])))
             chosen, gap = state_advantages(actions, ctx.config.skywork_dapo.advantage_gap)
             for action in chosen:
                 write_kept({"state_id": sid, "prompt": row["prompt"], "prompt_ids": row["prompt_ids"], **action,
@@ -194,9 +214,9 @@ def choose_actions(ctx: StageContext) -> dict:
     return {"states": states, "actions": kept, "mean_gap": gap_sum / max(1, states)}
 
 
-def write_actions(ctx: StageContext) -> dict:
-    """(In a step, streamed.) advantage/actions.jsonl: the kept actions with pi_ref's log-probs."""
-    out = ctx.path("advantage")
+def write_actions(ctx: StageContext, stage_name: str) -> dict:
+    """(In a step, streamed.) STAGE/actions.jsonl: the kept actions with pi_ref's log-probs."""
+    out = ctx.path(stage_name)
     kept = iter_jsonl(out / "kept.jsonl")
     reference = scores_of(out / "kept.jsonl")
     states, count, positive = set(), 0, 0

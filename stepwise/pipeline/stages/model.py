@@ -50,10 +50,12 @@ def section_tokenizer(ctx: StageContext, section: str) -> str:
     return tokenizer_dir(ctx)
 
 
-def train_section(ctx: StageContext, section: str, data: Path, init: str | Path, max_steps: int | None = None) -> Path:
-    """Run the workers of a train section; returns its checkpoint root. A separate DQO value network
-    starts from `dqo_data.value_init` when given (converted by `init`), else from `init` itself."""
-    out = ctx.dir(section) / "checkpoints"
+def train_section(ctx: StageContext, section: str, data: Path, init: str | Path, max_steps: int | None = None,
+                  stage_name: str | None = None) -> Path:
+    """Run the workers of a train section; returns its checkpoint root (in the directory of `stage_name`,
+    by default the section's). A separate DQO value network starts from `dqo_data.value_init` when
+    given (converted by `init`), else from `init` itself."""
+    out = ctx.dir(stage_name or section) / "checkpoints"
     args = ["--recipe", str(ctx.resolved_recipe), "--section", section, "--data", str(data),
             "--tokenizer", section_tokenizer(ctx, section), "--init", str(init), "--out", str(out)]
     if max_steps is not None:
