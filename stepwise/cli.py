@@ -7,6 +7,7 @@
         [--model-config PATH] [--critic-config PATH]
     stepwise convert hf-to-megatron|megatron-to-hf|nemo-to-megatron ARGS...
     stepwise spread RUN_DIR RUN_DIR ... [--out FILE]  accuracy mean/std across seeds
+    stepwise eval MODEL_DIR ... --benchmark NAME=PATH ... --out DIR  benchmark accuracy (stepwise/evaluate/)
 """
 from __future__ import annotations
 
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     spread = commands.add_parser("spread", help="accuracy spread across runs (seeds) of one recipe")
     spread.add_argument("run_dirs", nargs="+")
     spread.add_argument("--out", default=None)
+    from stepwise.evaluate.cli import add_eval_parser
+
+    add_eval_parser(commands)
     args, extra = parser.parse_known_args(argv)  # overrides may follow flags: plan RECIPE --gpu-mem 24 k=v
     stray = [item for item in extra if item.startswith("-") or not hasattr(args, "overrides")]
     if stray:
@@ -103,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         from stepwise.pipeline.spread import main as spread_main
 
         return spread_main(args.run_dirs, args.out)
+    if args.command == "eval":
+        from stepwise.evaluate.cli import main as eval_main
+
+        return eval_main(args)
 
     try:
         if args.command == "convert":

@@ -226,6 +226,18 @@ class EvalConfig:
 
 
 @dataclass
+class BenchmarkEvalConfig:
+    """`stepwise eval` (stepwise/evaluate): greedy zero-shot with the CoT template; its flags' defaults."""
+    backend: str = "hf"  # hf | vllm
+    max_tokens: int = 2048
+    batch_size: int = 32
+    shard_size: int = 128  # prompts per resumable sample shard
+    replicas: int = 1  # data-parallel sampler replicas on this node (shards index % replicas == rank)
+    tensor_parallel_size: int = 1  # vllm: GPUs per replica
+    launcher: str = "torchrun"  # torchrun | srun: how the replicas start (one replica: a plain process)
+
+
+@dataclass
 class RecipeConfig:
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=TaskConfig)

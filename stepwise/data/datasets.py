@@ -18,7 +18,7 @@ FIELDS = {"math": {"problem": str, "solution": str}, "gsm8k": {"question": str, 
           "generic": {"problem": str, "answer": (str, int, float)}}
 
 
-def _rows(path: Path, required: dict) -> list[tuple[str, dict]]:
+def read_rows(path: Path, required: dict) -> list[tuple[str, dict]]:
     """(`path:line` or `path:row`, record) pairs from JSONL or parquet, with required fields checked."""
     if path.suffix == ".parquet":
         try:
@@ -40,7 +40,7 @@ def load_problems(path: str | Path, kind: str, id_list: str | Path | None = None
         raise ValueError(f"dataset kind '{kind}' is not one of {sorted(FIELDS)}")
     path = Path(path)
     out = []
-    for where, row in _rows(path, FIELDS[kind]):
+    for where, row in read_rows(path, FIELDS[kind]):
         if kind == "math":
             problem, answer = row["problem"], last_boxed(row["solution"])
         elif kind == "gsm8k":

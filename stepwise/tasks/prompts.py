@@ -1,10 +1,11 @@
 """Prompt templates: the tokenizer's chat template around a task instruction (the papers' CoT
-instructions for MATH and GSM8K); the embedded arithmetic task uses its raw problem text."""
+instructions for MATH and GSM8K, and one for code); the embedded arithmetic task uses its raw problem text."""
 from __future__ import annotations
 
 INSTRUCTIONS = {
     "math": "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
     "gsm8k": "{problem}\nPlease reason step by step, and produce a final answer following 4 '#', like '#### 0'.",
+    "code": "{problem}\nPlease reason step by step, then give your complete solution in one ```python code block.",
 }
 
 
