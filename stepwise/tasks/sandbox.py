@@ -110,11 +110,14 @@ def resolve_isolation(isolation: str) -> str:
 
 @functools.cache
 def sandbox_python(isolation: str) -> str:
-    """The first interpreter the sandboxed program can run: this one, else a system python3."""
+    """The first interpreter the sandboxed program can run: $STEPWISE_SANDBOX_PYTHON when set (one with the
+    packages a benchmark's tests import, e.g. numpy for MBPP+, readable by the sandbox uid), else this one,
+    else a system python3 (as root this one may sit where the sandbox uid cannot reach, e.g. under /root)."""
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     system = "/usr/local/bin:/usr/bin:/bin"
-    candidates = [sys.executable, os.path.realpath(sys.executable), getattr(sys, "_base_executable", ""),
-                  shutil.which(version, path=system), shutil.which("python3", path=system)]
+    candidates = [os.environ.get("STEPWISE_SANDBOX_PYTHON", ""), sys.executable, os.path.realpath(sys.executable),
+                  getattr(sys, "_base_executable", ""), shutil.which(version, path=system),
+                  shutil.which("python3", path=system)]
     candidates = list(dict.fromkeys(c for c in candidates if c))
     if not _running_as_root():
         return candidates[0]
