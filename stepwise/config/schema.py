@@ -33,9 +33,11 @@ class TaskConfig:
     name: str = "arith"  # arith | gsm8k | math
     n_train: int = 4000  # arith: problems generated; real tasks: at most this many read (0: all)
     n_test: int = 500
+    n_validation: int = 0  # problems that tuning evaluates on (eval.split=validation) and reported tables never
     arith: ArithTaskConfig = field(default_factory=ArithTaskConfig)
     train_path: Optional[str] = None  # real tasks: JSONL or parquet (MATH, GSM8K or {"problem", "answer"})
     test_path: Optional[str] = None
+    validation_path: Optional[str] = None  # real tasks: the validation split's file (eval.split=validation)
     test_ids: Optional[str] = None  # file of ids selecting a test subset (MATH500)
     format: Optional[str] = None  # math | gsm8k | generic; default: the task name
     prompt_template: Optional[str] = None  # "{problem}" placeholder; default: the paper's CoT instruction
@@ -220,6 +222,7 @@ class SamplingConfig:
 
 @dataclass
 class EvalConfig:
+    split: str = "test"  # test: the reported tables | validation: for tuning (task.n_validation / validation_path)
     n_problems: int = 500
     max_tokens: int = 64
     batch_size: int = 128

@@ -196,6 +196,11 @@ def validate(config: RecipeConfig, source: str = "recipe") -> None:
     for role in ("generator", "completer"):
         _one_of(source, f"skywork_dapo.{role}", getattr(dapo, role), ("previous", "base"))
     _one_of(source, "skywork_dapo.advantage_source", dapo.advantage_source, ("critic", "mc"))
+    _one_of(source, "eval.split", config.eval.split, ("test", "validation"))
+    if config.eval.split == "validation" and not (config.task.n_validation if config.task.name == "arith"
+                                                  else config.task.validation_path):
+        _fail(source, "eval.split=validation needs a validation split: task.n_validation (embedded task) or "
+                      "task.validation_path")
     if len(set(config.run.seeds)) != len(config.run.seeds):
         _fail(source, f"run.seeds={config.run.seeds} repeats a seed")
     policy_fields = _hf_fields(config, source)

@@ -32,17 +32,22 @@ def read_runs(run_dirs: list[str | Path]) -> dict[str, dict[str, float]]:
     return runs
 
 
+REFERENCES = ("base", "rs_same_steps", "rs_baseline")  # pi0, and rejection sampling (Skywork DAPO's, DQO's)
+
+
 def spread_rows(runs: dict[str, dict[str, float]]) -> dict[str, dict]:
-    """Per policy and per gain over base (`<policy> - base`): mean, std (n-1) and the per-run values."""
+    """Per policy and per gain over each reference present (`<policy> - base`, `<policy> - rs_...`): mean,
+    std (n-1) and the per-run values; a gain is taken within each run."""
     names = sorted({n for rows in runs.values() for n in rows}, key=lambda n: (n != "base", n))
+    gains = [(n, ref) for ref in REFERENCES if ref in names for n in names if n not in ("base", ref)]
     out = {}
-    for name in names + [f"{n} - base" for n in names if n != "base"]:
-        policy = name.split(" - ")[0]
-        cells = {run: (rows[policy] - rows["base"] if " - " in name else rows[policy])
-                 for run, rows in runs.items() if policy in rows and (" - " not in name or "base" in rows)}
+    for name, ref in [(n, None) for n in names] + gains:
+        cells = {run: rows[name] - rows[ref] if ref else rows[name]
+                 for run, rows in runs.items() if name in rows and (ref is None or ref in rows)}
         values = list(cells.values())
-        out[name] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                     "runs": cells}
+        out[f"{name} - {ref}" if ref else name] = {"mean": statistics.mean(values),
+                                                   "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                                                   "runs": cells}
     return out
 
 
@@ -57,16 +62,18 @@ def spread_table(runs: dict[str, dict[str, float]]) -> str:
 
 
 def verdicts(rows: dict[str, dict]) -> list[str]:
-    """One line per policy: its mean gain over base against the run-to-run spread (std of base and of the gain)."""
-    base_std = rows.get("base", {}).get("std", 0.0)
+    """One line per gain (over base, over RS): its mean against the run-to-run spread (the larger of the
+    reference's std and the gain's std)."""
     lines = []
     for name, row in rows.items():
-        if " - base" not in name or len(row["runs"]) < 2:
+        if " - " not in name or len(row["runs"]) < 2:
             continue
-        spread = max(base_std, row["std"])
+        ref = name.split(" - ")[1]
+        ref_std = rows.get(ref, {}).get("std", 0.0)
+        spread = max(ref_std, row["std"])
         word = "larger" if abs(row["mean"]) > spread else "not larger"
         lines.append(f"- {name}: {row['mean']:+.3f} (mean over {len(row['runs'])} seeds); run-to-run std "
-                     f"{spread:.3f} (max of base {base_std:.3f} and of the gain {row['std']:.3f}): {word} than the spread")
+                     f"{spread:.3f} (max of {ref} {ref_std:.3f} and of the gain {row['std']:.3f}): {word} than the spread")
     return lines
 
 

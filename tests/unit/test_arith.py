@@ -119,3 +119,15 @@ def test_bad_generation_arguments_are_named():
     with pytest.raises(ValueError, match=r"problems\[0\] \(id 'a'\): not an arith problem"):
         make_sft_records(ArithConfig(), [{"id": "a", "problem": "Q: 1/2\n"}])
     assert not grade_arith(None, "3") and extract_answer(None) is None
+
+
+def test_the_validation_split_is_drawn_after_the_test_problems_and_leaves_them_unchanged():
+    """The data stage's validation problems are the held-out ones drawn after the first n_test: adding
+    them changes no test problem, and no validation problem is a test or training problem."""
+    from stepwise.tasks.arith import ArithConfig, make_problems
+
+    config = ArithConfig(seed=5)
+    test, longer = make_problems(config, 50, "test"), make_problems(config, 80, "test")
+    assert longer[:50] == test
+    validation, train = {r["problem"] for r in longer[50:]}, {r["problem"] for r in make_problems(config, 400, "train")}
+    assert len(validation) == 30 and not validation & {r["problem"] for r in test} and not validation & train

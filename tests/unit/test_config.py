@@ -86,6 +86,9 @@ def test_wrong_type_names_the_key(tmp_path):
         (["sft.loss_args.label_smooth=0.1"], "has no option 'label_smooth'"),
         (["model.dtype=fp8"], "model.dtype='fp8'"),
         (["model.fp8.recipe=mxfp4"], "model.fp8.recipe"),
+        (["eval.split=train"], "eval.split"),
+        (["eval.split=validation", "task.n_validation=0"], "eval.split=validation needs a validation split"),
+        (["skywork_dapo.advantage_source=oracle"], "skywork_dapo.advantage_source"),
     ],
 )
 def test_cross_field_checks_fail_at_load(tmp_path, overrides, fragment):

@@ -39,3 +39,18 @@ def test_verdict_compares_the_gain_with_the_spread(tmp_path):
 def test_missing_report_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="report.json"):
         read_runs([tmp_path])
+
+
+def test_gains_over_rejection_sampling_are_taken_within_each_run(tmp_path):
+    """DQO's table: each method's gain over pi0 and over RS (rs_baseline), judged against the spread."""
+    runs = {}
+    for name, (base, rs, dqo) in {"s1": (0.40, 0.80, 0.84), "s2": (0.45, 0.82, 0.81), "s3": (0.42, 0.78, 0.80)}.items():
+        runs[name] = {"base": base, "rs_baseline": rs, "dqo": dqo}
+    rows = spread_rows(runs)
+    assert rows["dqo - rs_baseline"]["runs"] == pytest.approx({"s1": 0.04, "s2": -0.01, "s3": 0.02})
+    assert rows["dqo - base"]["mean"] == pytest.approx((0.44 + 0.36 + 0.38) / 3)
+    assert "rs_baseline - rs_baseline" not in rows and "base - base" not in rows
+    lines = {line.split(":")[0][2:]: line for line in verdicts(rows)}
+    assert set(lines) == {"dqo - base", "rs_baseline - base", "dqo - rs_baseline"}
+    assert lines["dqo - rs_baseline"].endswith("(max of rs_baseline 0.020 and of the gain 0.025): not larger than the spread")
+    assert lines["dqo - base"].endswith(": larger than the spread")

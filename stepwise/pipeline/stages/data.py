@@ -27,7 +27,10 @@ def _real_task(ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(tokenizer_dir(ctx))
     out = ctx.dir("data")
     counts = {}
-    for split, path, limit, ids in (("train", task.train_path, task.n_train, None), ("test", task.test_path, task.n_test, task.test_ids)):
+    splits = [("train", task.train_path, task.n_train, None), ("test", task.test_path, task.n_test, task.test_ids)]
+    if task.validation_path:
+        splits.append(("validation", task.validation_path, task.n_validation, None))
+    for split, path, limit, ids in splits:
         records = load_problems(path, task.format or task.name, id_list=ids)[: limit or None]
         for record in records:
             record["question"] = record["problem"]
@@ -50,16 +53,24 @@ def write_problems(ctx: StageContext) -> dict:
 
     config = arith_config(ctx)
     train = make_problems(config, task.n_train, "train")
-    test = make_problems(config, task.n_test, "test")
+    # validation: the held-out problems drawn after the test ones (the test list does not change with it)
+    held_out = make_problems(config, task.n_test + task.n_validation, "test")
+    test = held_out[: task.n_test]
+    validation = [{**r, "id": f"arith-validation-{k}"} for k, r in enumerate(held_out[task.n_test:])]
     out = ctx.dir("data")
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "test.jsonl", test)
+    write_jsonl(out / "validation.jsonl", validation)
     write_jsonl(out / "sft.jsonl", make_sft_records(config, train))
-    return {"train": len(train), "test": len(test), "sft": len(train)}
+    return {"train": len(train), "test": len(test), "validation": len(validation), "sft": len(train)}
 
 
 def problems(ctx: StageContext, split: str) -> list[dict]:
-    return read_jsonl(ctx.path("data") / f"{split}.jsonl", PROBLEM_FIELDS)
+    path = ctx.path("data") / f"{split}.jsonl"
+    if split == "validation" and not path.exists():
+        raise FileNotFoundError(f"{path}: no validation split; eval.split=validation needs task.n_validation "
+                                f"(embedded task) or task.validation_path")
+    return read_jsonl(path, PROBLEM_FIELDS)
 
 
 def tokenizer_dir(ctx: StageContext) -> str:

@@ -46,7 +46,7 @@ def evaluate_sampled(ctx: StageContext, model_dir: str, name: str, stage_name: s
     from stepwise.sampling import read_shards, sample_to_shards
 
     config, data = ctx.config, ctx.config.dqo_data
-    test = problems(ctx, "test")[: config.eval.n_problems]
+    test = problems(ctx, ctx.config.eval.split)[: config.eval.n_problems]
     sampler = make_replica(ctx, model_dir, config.eval.batch_size)
     accuracies = []
     for k in range(data.eval_seeds):

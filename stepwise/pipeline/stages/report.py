@@ -17,7 +17,8 @@ def _markdown(ctx: StageContext, report: dict) -> str:
              f"PP={config.parallel.pp} x {config.parallel.world_size} processes.", ""]
     evals = accuracy_rows(report)
     if evals:
-        lines += ["## Greedy accuracy on held-out problems", "", "| policy | problems | correct | accuracy |",
+        lines += [f"## Greedy accuracy on held-out problems ({config.eval.split} split)", "",
+                  "| policy | problems | correct | accuracy |",
                   "|---|---|---|---|"]
         for name, row in evals.items():
             lines.append(f"| {name} | {row['problems']} | {row['correct']} | {row['accuracy']:.3f} |")

@@ -133,7 +133,7 @@ def grade_shard(task: str, source: Path, out: Path, pool) -> None:
 
 
 def greedy_accuracy(ctx: StageContext, model_dir: str, name: str, stage_name: str = "eval") -> dict:
-    """Greedy (temperature 0) accuracy of `model_dir` on the first eval.n_problems test problems, on
+    """Greedy (temperature 0) accuracy of `model_dir` on the first eval.n_problems problems of eval.split, on
     the sampling replicas; the generations go to the directory of `stage_name` (the calling stage)."""
     return in_step(ctx, evaluate_greedily, replicas(ctx), model_dir=model_dir, name=name, stage_name=stage_name)
 
@@ -142,7 +142,7 @@ def evaluate_greedily(ctx: StageContext, model_dir: str, name: str, stage_name: 
     from stepwise.sampling import SamplingParams, read_shards
 
     config = ctx.config.eval
-    test = problems(ctx, "test")[: config.n_problems]
+    test = problems(ctx, ctx.config.eval.split)[: config.n_problems]
     params = SamplingParams(n=1, temperature=0.0, max_tokens=config.max_tokens, seed=0)
     out = ctx.dir(stage_name) / f"{name}.generations"
     sample_shards(ctx, model_dir, test, "problem", params, out, ctx.config.sampling.shard_size, config.batch_size,
@@ -153,7 +153,8 @@ def evaluate_greedily(ctx: StageContext, model_dir: str, name: str, stage_name: 
     graded = grade_records(ctx.config.task.name, read_shards(out))
     write_jsonl(ctx.dir(stage_name) / f"{name}.graded.jsonl", graded)
     correct = sum(r["correct"] for r in graded)
-    return {"problems": len(graded), "correct": correct, "accuracy": correct / max(1, len(graded))}
+    return {"problems": len(graded), "correct": correct, "accuracy": correct / max(1, len(graded)),
+            "split": ctx.config.eval.split}
 
 
 @stage("eval", depends=("export", "init", "data"), config_keys=("eval",))
