@@ -146,8 +146,8 @@ def draw_advantages(figure, values: dict[str, list[float]]) -> bool:
 
     edges = np.histogram_bin_edges(np.concatenate([np.asarray(v, dtype=float) for v in values.values()]), bins=30)
     axes = figure.add_subplot()
-    for label, found in values.items():
-        axes.hist(found, bins=edges, histtype="stepfilled", alpha=0.45, label=f"{label} ({len(found)} actions)")
+    axes.hist(list(values.values()), bins=edges, histtype="bar",  # side by side per bin: none hides another
+              label=[f"{label} ({len(found)} actions)" for label, found in values.items()])
     axes.axvline(0.0, color="grey", linewidth=1)
     axes.set_xlabel("advantage")
     axes.set_ylabel("actions")
