@@ -5,12 +5,13 @@ import json
 
 from stepwise.data.jsonl import atomic_write_json, atomic_write_text
 from stepwise.pipeline.context import StageContext
+from stepwise.pipeline.plots import Plots, write_plots
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.dqo_train import table_lines as dqo_table_lines
 from stepwise.pipeline.runner import label, stage_plan
 
 
-def _markdown(ctx: StageContext, report: dict) -> str:
+def _markdown(ctx: StageContext, report: dict, plots: Plots) -> str:
     config = ctx.config
     lines = [f"# stepwise report: {config.run.name}", "",
              f"Run directory: `{ctx.run_dir}`; task `{config.task.name}`; layout TP={config.parallel.tp} "
@@ -36,6 +37,7 @@ def _markdown(ctx: StageContext, report: dict) -> str:
     for iteration in range(1, ctx.config.skywork_dapo.iterations + 1):
         critic, advantage = (report["stages"].get(label(name, iteration), {}) for name in ("critic", "advantage"))
         lines += _critic_lines(critic, advantage, "" if iteration == 1 else f", iteration {iteration}")
+    lines += plots.markdown()
     lines += ["## Stages", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {report['seconds'].get(name, 0):.1f} |" for name in report["seconds"]]
     return "\n".join(lines) + "\n"
@@ -82,5 +84,6 @@ def write_report(ctx: StageContext) -> dict:
         seconds[label(name, iteration)] = found.get("seconds", 0.0)
     report = {"run": ctx.config.run.name, "run_dir": str(ctx.run_dir), "stages": stages, "seconds": seconds}
     atomic_write_json(ctx.run_dir / "report.json", json.loads(json.dumps(report, default=str)))
-    atomic_write_text(ctx.run_dir / "report.md", _markdown(ctx, report))
+    plots = write_plots(ctx.run_dir, report["stages"], accuracy_rows(report), ctx.config.task.name)
+    atomic_write_text(ctx.run_dir / "report.md", _markdown(ctx, report, plots))
     return {"report": str(ctx.run_dir / "report.md")}
