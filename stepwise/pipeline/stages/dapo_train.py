@@ -193,11 +193,8 @@ def mc_values(actions: list[dict]) -> None:
 def choose_actions(ctx: StageContext, stage_name: str, source: str) -> dict:
     """(In a step, streamed.) Values of next states (critic, or the graded reward of a final step; or the
     completions' MC estimates), advantages, the gap filter; the kept actions go to STAGE/kept.jsonl."""
-    from stepwise.tasks.grading import grade
-
     out = ctx.path(stage_name)
     values = (row["values"][0] for row in scores_of(out / "next.jsonl"))
-    answers = {row["state_id"]: row["answer"] for row in iter_jsonl(ctx.path("segment") / "states.jsonl")}
     states, kept, gap_sum = 0, 0, 0.0
     with jsonl_output(out / "kept.jsonl") as write_kept:
         for row in iter_jsonl(out / "per_state.jsonl"):
@@ -205,7 +202,7 @@ def choose_actions(ctx: StageContext, stage_name: str, source: str) -> dict:
             if source == "mc":
                 mc_values(actions)
             else:
-                assign_values(actions, values, lambda a: float(grade(ctx.config.task.name, a["step"], answers[sid])))
+                assign_values(actions, values, lambda a: float(a["correct"]))  # a final step: its graded solution
             chosen, gap = state_advantages(actions, ctx.config.skywork_dapo.advantage_gap)
             for action in chosen:
                 write_kept({"state_id": sid, "prompt": row["prompt"], "prompt_ids": row["prompt_ids"], **action,
