@@ -120,3 +120,32 @@ def test_arith_grading_of_a_completion_keeps_its_verdict_with_the_prefix(tmp_pat
     write_jsonl(tmp_path / "shard_00000.jsonl", rows)
     grade_shard("arith", tmp_path / "shard_00000.jsonl", tmp_path / "graded.jsonl", fork_pool)
     assert [r["correct"] for r in read_jsonl(tmp_path / "graded.jsonl")] == [True, False, False]
+
+
+def test_states_retokenized_for_a_critic_of_another_tokenizer_keep_their_text_and_boundaries():
+    """Policy: one id per character; critic: one id per whitespace-separated chunk (its own vocabulary)."""
+    import re
+
+    from stepwise.tasks.steps import retokenize_pieces
+
+    def decode(ids):
+        return "".join(map(chr, ids))
+
+    vocab: dict[str, int] = {}
+
+    def encode(text):
+        return [vocab.setdefault(chunk, len(vocab)) for chunk in re.findall(r"\S+|\s+", text)]
+
+    def critic_text(ids):
+        words = {i: w for w, i in vocab.items()}
+        return "".join(words[i] for i in ids)
+
+    prompt, steps = "Sum 1 2\n", ["a = 1\n", "b = 2\n", "print(a + b)"]
+    ids = [ord(c) for c in prompt + "".join(steps)]
+    ends = [len(prompt), len(prompt) + len(steps[0]), len(prompt) + len(steps[0]) + len(steps[1])]
+    new_ids, new_ends = retokenize_pieces(ids, ends, decode, encode)
+    assert critic_text(new_ids) == prompt + "".join(steps)
+    assert [critic_text(new_ids[:end]) for end in new_ends] == [prompt, prompt + steps[0], prompt + steps[0] + steps[1]]
+    assert new_ends == [6, 12, 18]  # "Sum", " ", "1", " ", "2", "\n"; then six chunks per step
+    next_state = ids[:ends[2]]
+    assert retokenize_pieces(next_state, [len(next_state)], decode, encode) == (new_ids[:new_ends[2]], [new_ends[2]])
