@@ -30,16 +30,16 @@ class ArithTaskConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "arith"  # arith | gsm8k | math
+    name: str = "arith"  # arith | gsm8k | math | code (problems with unit tests, graded by running them)
     n_train: int = 4000  # arith: problems generated; real tasks: at most this many read (0: all)
     n_test: int = 500
     n_validation: int = 0  # problems that tuning evaluates on (eval.split=validation) and reported tables never
     arith: ArithTaskConfig = field(default_factory=ArithTaskConfig)
-    train_path: Optional[str] = None  # real tasks: JSONL or parquet (MATH, GSM8K or {"problem", "answer"})
+    train_path: Optional[str] = None  # real tasks: JSONL or parquet (MATH, GSM8K, {"problem", "answer"}; code: TACO)
     test_path: Optional[str] = None
     validation_path: Optional[str] = None  # real tasks: the validation split's file (eval.split=validation)
     test_ids: Optional[str] = None  # file of ids selecting a test subset (MATH500)
-    format: Optional[str] = None  # math | gsm8k | generic; default: the task name
+    format: Optional[str] = None  # math | gsm8k | generic; default: the task name. code: a code benchmark layout (default taco)
     prompt_template: Optional[str] = None  # "{problem}" placeholder; default: the paper's CoT instruction
 
 

@@ -15,7 +15,8 @@ DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "constant", "linear")
 LAUNCHERS = ("torchrun", "srun", "inprocess")
 SAMPLING_BACKENDS = ("hf", "vllm")
-TASKS = ("arith", "gsm8k", "math")
+TASKS = ("arith", "code", "gsm8k", "math")
+PROBLEM_FORMATS = ("math", "gsm8k", "generic")  # task.format of the math-like tasks
 NAN_POLICIES = ("skip", "stop")
 TRAIN_SECTIONS = ("sft", "critic", "policy", "rs", "dqo", "dro", "dpo", "kto", "sft_baseline", "rs_baseline")
 DATA_ERRORS = ("strict", "lenient")
@@ -173,6 +174,18 @@ def _check_dqo_data(config: RecipeConfig, source: str) -> None:
         _fail(source, "dqo_data.process_scores=true needs the stage 'dqo_process' in run.stages (before 'dqo_datasets')")
 
 
+def _check_task_format(config: RecipeConfig, source: str) -> None:
+    """task.format: a code benchmark layout for task.name=code, else math | gsm8k | generic."""
+    if config.task.format is None:
+        return
+    if config.task.name == "code":
+        from stepwise.data.datasets import code_layouts
+
+        _one_of(source, "task.format (task.name=code)", config.task.format, code_layouts())
+    else:
+        _one_of(source, "task.format", config.task.format, PROBLEM_FORMATS)
+
+
 def validate(config: RecipeConfig, source: str = "recipe") -> None:
     """Raise ConfigError on the first inconsistency."""
     _one_of(source, "model.dtype", config.model.dtype, DTYPES)
@@ -186,6 +199,7 @@ def validate(config: RecipeConfig, source: str = "recipe") -> None:
                 _fail(source, f"task.{key} is required for task.name={config.task.name} (a JSONL or parquet file)")
         if not (config.model.path or config.tokenizer.path):
             _fail(source, f"task.name={config.task.name} needs model.path (or tokenizer.path) for the chat template")
+        _check_task_format(config, source)
     if config.tokenizer.path and not Path(config.tokenizer.path).is_dir():
         _fail(source, f"tokenizer.path={config.tokenizer.path}: no such directory")
     if config.model.path and config.model.hf_config:

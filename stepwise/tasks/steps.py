@@ -100,3 +100,17 @@ def step_slices(token_ids: list[int], tokenizer, separator: str) -> list[tuple[i
     """(start, end) of each step of `token_ids` (see `step_ends`)."""
     ends = step_ends(token_ids, tokenizer, separator)
     return list(zip([0] + ends[:-1], ends))
+
+
+def retokenize_pieces(ids: list[int], ends: list[int], decode, encode) -> tuple[list[int], list[int]]:
+    """(ids, ends) in another tokenizer: each piece between consecutive `ends` (and the tail after the
+    last) decoded by `decode` and re-encoded by `encode`, so every end stays a piece boundary. For a
+    critic whose tokenizer is not the policy's (a Qwen critic of a Llama policy): a state is then the
+    same text in the critic's tokens, whether it is read as a state of its solution or as a next state."""
+    bounds, new_ids, new_ends = [0, *ends, len(ids)], [], []
+    for index, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        if end > start:
+            new_ids += encode(decode(ids[start:end]))
+        if index < len(ends):
+            new_ends.append(len(new_ids))
+    return new_ids, new_ends

@@ -56,7 +56,9 @@ def segment_solutions(ctx: StageContext) -> dict:
 
     Steps are slices of the sampled token ids (`tasks.steps.step_ends`): state t is the prompt's ids
     followed by the ids of the first t steps, exactly as the policy produced them; each state record
-    carries them (`prompt_ids`) with their text (`prompt`), and the completer continues from the ids."""
+    carries them (`prompt_ids`) with their text (`prompt`) and the response text before the state
+    (`prefix`: a completion is graded on prefix + completion, the whole solution); the completer
+    continues from the ids."""
     from stepwise.pipeline.stages.data import tokenizer_dir
     from stepwise.tasks.steps import decode_ids, encode_text, ids_key, step_slices, text_ids
     from stepwise.tasks.tokenizer import load_tokenizer
@@ -72,10 +74,10 @@ def segment_solutions(ctx: StageContext) -> dict:
                 slices = step_slices(response_ids, tokenizer, separator)
                 ids = []
                 for t, (start, _) in enumerate(slices):
-                    state = prompt_ids + response_ids[:start]
+                    state, prefix = prompt_ids + response_ids[:start], decode_ids(tokenizer, response_ids[:start])
                     ids.append(ids_key(state))
                     states.setdefault(ids[-1], {"state_id": ids[-1], "id": record["id"], "answer": record["answer"],
-                                                "t": t, "prompt": record["problem"] + decode_ids(tokenizer, response_ids[:start]),
+                                                "t": t, "prompt": record["problem"] + prefix, "prefix": prefix,
                                                 "prompt_ids": state})
                 write_solution({"id": record["id"], "prompt": record["problem"], "answer": record["answer"],
                                 "prompt_ids": prompt_ids, "response_ids": response_ids,

@@ -26,10 +26,34 @@ def held_out(problem_id: str, fraction: float) -> bool:
 
 def _critic_records(ctx: StageContext, holdout: bool) -> list[dict]:
     mc = {row["state_id"]: row["mc"] for row in read_jsonl(ctx.path("complete") / "mc.jsonl")}
-    fraction = ctx.config.skywork_dapo.critic_holdout
-    return [value_record(s["prompt_ids"], s["response_ids"], s["step_ends"], [mc[i] for i in s["state_ids"]])
+    fraction, in_critic_tokens = ctx.config.skywork_dapo.critic_holdout, critic_tokens(ctx)
+    return [in_critic_tokens(value_record(s["prompt_ids"], s["response_ids"], s["step_ends"], [mc[i] for i in s["state_ids"]]))
             for s in read_jsonl(ctx.path("segment") / "solutions.jsonl")
             if held_out(s["id"], fraction) == holdout and s["state_ids"]]
+
+
+def critic_tokens(ctx: StageContext):
+    """record -> record: a `values` record of policy ids as the critic reads it. The identity when the
+    critic shares the policy's tokenizer; else (skywork_dapo.critic_init of another family) its pieces
+    between state ends re-encoded in the critic's tokens (`tasks.steps.retokenize_pieces`). A next state is
+    one piece: its tokens match the piecewise ones of the critic's training states where the critic's
+    pre-tokenizer splits at newline runs, as Llama-3's and Qwen2.5's do (steps end after a "\n" run)."""
+    from stepwise.pipeline.stages.data import tokenizer_dir
+    from stepwise.pipeline.stages.model import section_tokenizer
+    from stepwise.tasks.steps import decode_ids, encode_text, retokenize_pieces
+    from stepwise.tasks.tokenizer import load_tokenizer
+
+    if section_tokenizer(ctx, "critic") == tokenizer_dir(ctx):
+        return lambda record: record
+    policy, critic = load_tokenizer(tokenizer_dir(ctx)), load_tokenizer(section_tokenizer(ctx, "critic"))
+    if policy.get_vocab() == critic.get_vocab():
+        return lambda record: record
+
+    def convert(record: dict) -> dict:
+        ids, ends = retokenize_pieces(record["ids"], record["ends"], lambda piece: decode_ids(policy, piece),
+                                      lambda text: encode_text(critic, text))
+        return {**record, "ids": ids, "ends": ends}
+    return convert
 
 
 def value_record(prompt_ids: list[int], response_ids: list[int], step_ends: list[int], mc: list[float]) -> dict:
@@ -165,7 +189,7 @@ def advantage_data(ctx: StageContext, stage_name: str, source: str) -> dict:
 def write_next_states(ctx: StageContext, stage_name: str) -> dict:
     """(In a step, streamed.) STAGE/per_state.jsonl (each state's sampled first steps) and STAGE/next.jsonl
     (the next states the critic values: those of actions that do not end the solution)."""
-    out, count, too_long = ctx.dir(stage_name), 0, []
+    out, count, too_long, in_critic_tokens = ctx.dir(stage_name), 0, [], critic_tokens(ctx)
     for stale in ("next.jsonl", "kept.jsonl"):  # scores of an earlier attempt's files
         shutil.rmtree(scores_dir(out / stale), ignore_errors=True)
     with jsonl_output(out / "per_state.jsonl") as write_state, jsonl_output(out / "next.jsonl") as write_next:
@@ -174,7 +198,7 @@ def write_next_states(ctx: StageContext, stage_name: str) -> dict:
             for action in actions:
                 if not action["ends"]:
                     next_ids = state["prompt_ids"] + action["action_ids"]
-                    write_next({"ids": next_ids, "ends": [len(next_ids)], "mc": [0.0]})
+                    write_next(in_critic_tokens({"ids": next_ids, "ends": [len(next_ids)], "mc": [0.0]}))
                     count += 1
     return {"next_states": count, "actions_too_long": len(too_long)}
 
@@ -193,11 +217,8 @@ def mc_values(actions: list[dict]) -> None:
 def choose_actions(ctx: StageContext, stage_name: str, source: str) -> dict:
     """(In a step, streamed.) Values of next states (critic, or the graded reward of a final step; or the
     completions' MC estimates), advantages, the gap filter; the kept actions go to STAGE/kept.jsonl."""
-    from stepwise.tasks.grading import grade
-
     out = ctx.path(stage_name)
     values = (row["values"][0] for row in scores_of(out / "next.jsonl"))
-    answers = {row["state_id"]: row["answer"] for row in iter_jsonl(ctx.path("segment") / "states.jsonl")}
     states, kept, gap_sum = 0, 0, 0.0
     with jsonl_output(out / "kept.jsonl") as write_kept:
         for row in iter_jsonl(out / "per_state.jsonl"):
@@ -205,7 +226,7 @@ def choose_actions(ctx: StageContext, stage_name: str, source: str) -> dict:
             if source == "mc":
                 mc_values(actions)
             else:
-                assign_values(actions, values, lambda a: float(grade(ctx.config.task.name, a["step"], answers[sid])))
+                assign_values(actions, values, lambda a: float(a["correct"]))  # a final step: its graded solution
             chosen, gap = state_advantages(actions, ctx.config.skywork_dapo.advantage_gap)
             for action in chosen:
                 write_kept({"state_id": sid, "prompt": row["prompt"], "prompt_ids": row["prompt_ids"], **action,

@@ -17,9 +17,18 @@ def arith_config(ctx: StageContext):
                        corrupt_rate=task.corrupt_rate, seed=ctx.config.run.seed)
 
 
+def read_task_problems(task, path: str, ids: str | None) -> list[dict]:
+    """The problems of a real task from the user's file: MATH / GSM8K / generic records, or for
+    task.name=code problems with unit tests in a code benchmark layout (task.format, default taco)."""
+    from stepwise.data.datasets import load_code_problems, load_problems
+
+    if task.name == "code":
+        return load_code_problems(path, task.format, id_list=ids)
+    return load_problems(path, task.format or task.name, id_list=ids)
+
+
 def _real_task(ctx: StageContext) -> dict:
-    """MATH / GSM8K / generic problems from the user's files, prompts rendered with the chat template."""
-    from stepwise.data.datasets import load_problems
+    """Problems from the user's files (see read_task_problems), prompts rendered with the chat template."""
     from stepwise.tasks.prompts import render_prompt
     from stepwise.tasks.tokenizer import load_tokenizer
 
@@ -31,7 +40,7 @@ def _real_task(ctx: StageContext) -> dict:
     if task.validation_path:
         splits.append(("validation", task.validation_path, task.n_validation, None))
     for split, path, limit, ids in splits:
-        records = load_problems(path, task.format or task.name, id_list=ids)[: limit or None]
+        records = read_task_problems(task, path, ids)[: limit or None]
         for record in records:
             record["question"] = record["problem"]
             record["problem"] = render_prompt(record["question"], task.name, tokenizer, task.prompt_template)

@@ -96,7 +96,7 @@ def _run_search(ctx: StageContext, failed: dict[str, dict]) -> tuple[dict[str, i
     """i* of every failed response by rounds of prefix rollouts; returns (i* per key, counters). Each round's
     rollouts are sampled on the replicas (each its shards), then every rank reads them all and takes the
     same (deterministic) next step of the search."""
-    from stepwise.pipeline.stages.sampling import make_replica
+    from stepwise.pipeline.stages.sampling import make_replica, solution_text
     from stepwise.sampling import read_shards, sample_to_shards
     from stepwise.tasks.grading import grade
     from stepwise.tasks.steps import ids_key
@@ -126,7 +126,7 @@ def _run_search(ctx: StageContext, failed: dict[str, dict]) -> tuple[dict[str, i
         ok: dict[str, bool] = {}
         for sample in read_shards(out):
             ok[sample["prefix_id"]] = ok.get(sample["prefix_id"], False) or bool(
-                grade(config.task.name, sample["prefix"] + sample["response"], sample["answer"]))
+                grade(config.task.name, solution_text(sample), sample["answer"]))
             counters["completions"] += 1
         counters["prefixes"] += len(records)
         search.update({key: ok[ids_key(prompt)] for key, prompt in prompt_of.items()})

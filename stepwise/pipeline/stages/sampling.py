@@ -44,10 +44,18 @@ def sample_shards(ctx: StageContext, model_dir: str, records: list[dict], prompt
     return mine
 
 
+def solution_text(record: dict) -> str:
+    """The text a sampled record is graded on: the whole solution. A rollout from a state (Skywork DAPO's
+    completions, DQO's prefix rollouts) carries the solution's text before the state as `prefix` and
+    continues it in `response`; a code solution's program is mostly written before the last steps, so
+    the grader needs both. A sample from the prompt has no prefix."""
+    return record.get("prefix", "") + record["response"]
+
+
 def grade_records(task: str, records: list[dict]) -> list[dict]:
     from stepwise.tasks.grading import grade
 
-    return [{**r, "correct": bool(grade(task, r["response"], r["answer"]))} for r in records]
+    return [{**r, "correct": bool(grade(task, solution_text(r), r["answer"]))} for r in records]
 
 
 def correct_as_sft(samples, eos_id: int):
@@ -113,7 +121,7 @@ def _grade_one(task_and_record: tuple[str, dict]) -> bool:
     from stepwise.tasks.grading import grade
 
     task, record = task_and_record
-    return bool(grade(task, record["response"], record["answer"]))
+    return bool(grade(task, solution_text(record), record["answer"]))
 
 
 def grade_shard(task: str, source: Path, out: Path, pool) -> None:
