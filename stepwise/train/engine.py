@@ -116,13 +116,15 @@ class Engine:
             output = model(batch["input_ids"], batch["position_ids"], None)
 
             def loss_func(logits):
+                read = batch.get("loss_mask")  # every policy loss reads log-probs only there (0.0 elsewhere)
+                read = None if read is None else read > 0
                 if self.kind == "critic":
                     outputs = logits.squeeze(-1)
                 elif self.kind == "policy_value":
                     vocab_logits, values = split_policy_value(logits)
-                    outputs = {"logprobs": token_logprobs(vocab_logits, batch["labels"], vocab), "values": values.float()}
+                    outputs = {"logprobs": token_logprobs(vocab_logits, batch["labels"], vocab, read), "values": values.float()}
                 else:
-                    outputs = token_logprobs(logits, batch["labels"], vocab)
+                    outputs = token_logprobs(logits, batch["labels"], vocab, read)
                 loss, metrics = loss_fn(batch, outputs)
                 metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}}
                 return loss, torch.ones((), dtype=torch.int, device=device), metrics
