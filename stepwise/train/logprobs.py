@@ -19,7 +19,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK = 1024  # positions per chunk: 1024 x 152k-vocab / TP fp32 = 0.6 GB / TP at most
+CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk (64 MiB): 110 positions of a 152k vocabulary; small
+# vocabularies take every position in one chunk (no per-chunk overhead where there is nothing to save)
+
+
+def rows_per_chunk(vocab_shard: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab_shard)
 
 
 def _tp_group_and_start(shard: int) -> tuple[object | None, int]:
@@ -134,7 +139,7 @@ class _LinearChunkedLogprobs(torch.autograd.Function):
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, real_vocab_size: int,
-                   positions: torch.Tensor | None = None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                   positions: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
     """log p(labels) [B, S] (fp32) from vocab-parallel logits [B, S, V/TP]; only where `positions` [B, S]
     is true (0.0 elsewhere) when given, else everywhere."""
     flat = logits.reshape(-1, logits.shape[-1])
@@ -142,16 +147,17 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, real_vocab_size: 
         rows = torch.arange(flat.shape[0], device=logits.device)
     else:
         rows = positions.reshape(-1).nonzero().squeeze(-1)
+    chunk = chunk or rows_per_chunk(flat.shape[-1])
     picked = _ChunkedLogprobs.apply(flat, rows, labels.reshape(-1)[rows], real_vocab_size, chunk)
     out = torch.zeros(flat.shape[0], dtype=torch.float32, device=logits.device).index_put((rows,), picked)
     return out.view(labels.shape)
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, real_vocab_size: int,
-                          chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                          chunk: int | None = None) -> torch.Tensor:
     """log p(labels) [n] (fp32) from hidden states [n, H] (the positions a loss reads) and this rank's
     output-layer weight shard [V/TP, H]; the input gradient is all-reduced over TP (no sequence parallel)."""
-    return _LinearChunkedLogprobs.apply(hidden, weight, labels, real_vocab_size, chunk)
+    return _LinearChunkedLogprobs.apply(hidden, weight, labels, real_vocab_size, chunk or rows_per_chunk(weight.shape[0]))
 
 
 def mask_padded_vocab(logits: torch.Tensor, real_vocab_size: int) -> torch.Tensor:
