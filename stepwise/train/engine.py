@@ -59,8 +59,13 @@ class Engine:
     kind: str = "policy"  # what loss plugins get: "policy" token log-probs, "critic" value-head logits,
     # "policy_value" {"logprobs", "values"} from one model (stepwise.models.policy_value)
 
-    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Callable) -> list[dict]:
-        """Accumulate gradients of `micro_batches` (summed, DP-reduced) into the grad buffers."""
+    metric_names: tuple[str, ...] | None = None  # "loss" then the plugin's metrics, fixed by the first
+    # micro-batch (and agreed across ranks at the first step): each micro-batch returns one tensor of them
+    metric_names_agreed: bool = False
+
+    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Callable) -> list[torch.Tensor]:
+        """Accumulate gradients of `micro_batches` (summed, DP-reduced) into the grad buffers; returns the
+        metrics of each micro-batch (on the last stage) as a float64 tensor ordered as `metric_names`."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.model.train()
@@ -78,13 +83,13 @@ class Engine:
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Callable) -> dict[str, float]:
         """One optimizer step over `micro_batches` (this DP rank's share of a global batch)."""
-        losses = self.forward_backward(micro_batches, loss_fn)
+        per_micro_batch = self.forward_backward(micro_batches, loss_fn)
         found_inf = self.optimizer.prepare_grads()
         grad_norm = float(self.optimizer.get_grad_norm() or 0.0)
-        local_loss = sum(float(item["loss"]) for item in losses) if losses else 0.0
-        bad = found_inf or not math.isfinite(local_loss) or not math.isfinite(grad_norm)
-        metrics = self._reduce_metrics(losses, nonfinite=1.0 if bad else 0.0)
-        nonfinite = metrics["nonfinite"] > 0  # any rank: every rank takes the same branch
+        flag = 1.0 if found_inf or not math.isfinite(grad_norm) else 0.0
+        metrics = self._reduce_metrics(per_micro_batch, nonfinite=flag)
+        # a non-finite loss on any rank makes the summed loss non-finite: every rank takes the same branch
+        nonfinite = metrics["nonfinite"] > 0 or not math.isfinite(metrics["loss"])
         if not nonfinite:
             self._clip(grad_norm)
             self.optimizer.step_with_ready_grads()
@@ -118,35 +123,54 @@ class Engine:
             output = model(batch["input_ids"], batch["position_ids"], None)
 
             def loss_func(logits):
+                read = batch.get("loss_mask")  # every policy loss reads log-probs only there (0.0 elsewhere)
+                read = None if read is None else read > 0
                 if self.kind == "critic":
                     outputs = logits.squeeze(-1)
                 elif self.kind == "policy_value":
                     vocab_logits, values = split_policy_value(logits)
-                    outputs = {"logprobs": token_logprobs(vocab_logits, batch["labels"], vocab), "values": values.float()}
+                    outputs = {"logprobs": token_logprobs(vocab_logits, batch["labels"], vocab, read), "values": values.float()}
                 else:
-                    outputs = token_logprobs(logits, batch["labels"], vocab)
+                    outputs = token_logprobs(logits, batch["labels"], vocab, read)
                 loss, metrics = loss_fn(batch, outputs)
-                metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}}
-                return loss, torch.ones((), dtype=torch.int, device=device), metrics
+                return loss, torch.ones((), dtype=torch.int, device=device), self._metric_tensor(loss, metrics)
 
             return output, loss_func
 
         return forward_step
 
-    def _reduce_metrics(self, per_micro_batch: list[dict[str, torch.Tensor]], nonfinite: float) -> dict[str, float]:
-        """Sum metrics over micro-batches and DP ranks (last stage holds them; TP ranks agree), and
-        every rank's `nonfinite` flag (> 0 after the reduction when any rank raised it)."""
-        local: dict[str, float] = {"nonfinite": nonfinite}
-        for item in per_micro_batch:
-            for name, value in item.items():
-                local[name] = local.get(name, 0.0) + float(value)
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return local
-        names = [sorted(local)]
-        dist.broadcast_object_list(names, src=dist.get_world_size() - 1)  # the last rank is a last-stage rank
-        values = torch.tensor([local.get(n, 0.0) for n in names[0]], dtype=torch.float64, device=self.layout.device)
-        dist.all_reduce(values)
-        return dict(zip(names[0], (values / self.layout.tp).tolist()))
+    def _metric_tensor(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss and a plugin's metrics of one micro-batch as one float64 tensor (no host sync)."""
+        names = ("loss", *sorted(metrics))
+        if self.metric_names is None:
+            self.metric_names = names
+        elif names != self.metric_names:
+            raise ValueError(f"the loss returned metrics {names[1:]}, earlier micro-batches {self.metric_names[1:]}")
+        values = [loss.detach(), *(metrics[name].detach() for name in names[1:])]
+        return torch.stack([value.to(torch.float64).reshape(()) for value in values])
+
+    def _agree_metric_names(self) -> tuple[str, ...]:
+        """Fix the metric names on every rank, once (the last rank is a last-stage rank and has them)."""
+        if not self.metric_names_agreed:
+            names = [self.metric_names]
+            dist.broadcast_object_list(names, src=dist.get_world_size() - 1)
+            self.metric_names, self.metric_names_agreed = names[0], True
+        return self.metric_names
+
+    def _reduce_metrics(self, per_micro_batch: list[torch.Tensor], nonfinite: float) -> dict[str, float]:
+        """Sum metrics over micro-batches and DP ranks in one tensor and one all-reduce (last stage holds
+        them; TP ranks agree), with every rank's `nonfinite` flag (> 0 after it when any rank raised it)."""
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        names = self._agree_metric_names() if distributed else self.metric_names
+        flag = torch.tensor([nonfinite], dtype=torch.float64, device=self.layout.device)
+        if per_micro_batch:
+            local = torch.cat([flag, torch.stack(per_micro_batch).sum(dim=0)])
+        else:
+            local = torch.cat([flag, flag.new_zeros(len(names))])
+        if distributed:
+            dist.all_reduce(local)
+            local[1:] /= self.layout.tp
+        return dict(zip(("nonfinite", *names), local.tolist()))
 
 
 def build_engine(

@@ -33,7 +33,7 @@ def measure(case: str, layout, pp: int, ckpt: Path) -> dict:
     engine.optimizer.prepare_grads()
     result = {"grad_norm": float(engine.optimizer.get_grad_norm())}
     for name in ("loss", "value_loss_sum", "policy_loss_sum", "is_weight_sum"):
-        result[name] = sum(float(item[name]) for item in outputs)
+        result[name] = sum(float(item[engine.metric_names.index(name)]) for item in outputs)
     return result
 
 

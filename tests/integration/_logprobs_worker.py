@@ -1,0 +1,80 @@
+"""Worker: chunked log-probs (logits form and hidden-state form) against the full form, at TP = world size.
+
+    python -m torch.distributed.run --nproc-per-node=N _logprobs_worker.py
+
+Every rank builds the same random fp32 logits / hidden states / weight (real vocabulary 37, padded to 40
+so the last shard holds padded columns), takes its vocabulary shard and checks values and gradients
+within 1e-6 relative of `full_token_logprobs` (megatron's vocab-parallel cross-entropy); raises if not.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from stepwise.parallel.runtime import init_parallel
+from stepwise.train.logprobs import full_token_logprobs, linear_token_logprobs, token_logprobs
+
+REAL_VOCAB, PADDED_VOCAB, ROWS, LENGTH, HIDDEN = 37, 40, 3, 7, 16
+TOLERANCE = 1e-6  # relative to the largest magnitude compared
+
+
+def close(name: str, observed: torch.Tensor, expected: torch.Tensor) -> None:
+    error = (observed - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    if not error <= TOLERANCE * scale:
+        raise AssertionError(f"{name}: max error {error:.3g} > {TOLERANCE} x {scale:.3g}")
+
+
+def shard(tensor: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    return tensor.chunk(tp, dim=0 if tensor.dim() == 2 else -1)[rank].detach().clone().requires_grad_(True)
+
+
+def check_logits_form(tp: int, rank: int, generator: torch.Generator) -> None:
+    logits = torch.randn(ROWS, LENGTH, PADDED_VOCAB, generator=generator) * 4
+    labels = torch.randint(0, REAL_VOCAB, (ROWS, LENGTH), generator=generator)
+    positions = torch.rand(ROWS, LENGTH, generator=generator) > 0.4
+    grad_out = torch.randn(ROWS, LENGTH, generator=generator)
+    full_input, chunked_input = shard(logits, tp, rank), shard(logits, tp, rank)
+    full = full_token_logprobs(full_input, labels, REAL_VOCAB)
+    (full * grad_out * positions).sum().backward()
+    for chunk in (1, 4, 1000):
+        chunked_input.grad = None
+        chunked = token_logprobs(chunked_input, labels, REAL_VOCAB, positions=positions, chunk=chunk)
+        (chunked * grad_out).sum().backward()
+        close(f"log-probs, chunk {chunk}", chunked[positions], full[positions])
+        if not bool((chunked[~positions] == 0).all()):
+            raise AssertionError("positions outside `positions` must be 0.0")
+        close(f"logits gradient, chunk {chunk}", chunked_input.grad, full_input.grad)
+    everywhere = token_logprobs(chunked_input.detach(), labels, REAL_VOCAB, chunk=5)
+    close("log-probs at every position", everywhere, full.detach())
+
+
+def check_hidden_form(tp: int, rank: int, generator: torch.Generator) -> None:
+    hidden = torch.randn(ROWS * LENGTH, HIDDEN, generator=generator)
+    weight = torch.randn(PADDED_VOCAB, HIDDEN, generator=generator)
+    labels = torch.randint(0, REAL_VOCAB, (ROWS * LENGTH,), generator=generator)
+    grad_out = torch.randn(ROWS * LENGTH, generator=generator)
+    full_hidden, full_weight = hidden.clone().requires_grad_(True), shard(weight, tp, rank)
+    full = full_token_logprobs(full_hidden @ full_weight.t(), labels, REAL_VOCAB)
+    (full * grad_out).sum().backward()
+    if tp > 1:  # what ColumnParallelLinear's input region does in backward
+        dist.all_reduce(full_hidden.grad)
+    chunked_hidden, chunked_weight = hidden.clone().requires_grad_(True), shard(weight, tp, rank)
+    chunked = linear_token_logprobs(chunked_hidden, chunked_weight, labels, REAL_VOCAB, chunk=6)
+    (chunked * grad_out).sum().backward()
+    close("hidden-form log-probs", chunked, full)
+    close("hidden gradient", chunked_hidden.grad, full_hidden.grad)
+    close("weight gradient", chunked_weight.grad, full_weight.grad)
+
+
+def main() -> None:
+    torch.set_default_dtype(torch.float32)
+    layout = init_parallel(tp=int(__import__("os").environ.get("WORLD_SIZE", "1")), pp=1, seed=0)
+    generator = torch.Generator().manual_seed(7)
+    check_logits_form(layout.tp, layout.tp_rank, generator)
+    check_hidden_form(layout.tp, layout.tp_rank, generator)
+    print(f"rank {layout.rank}: chunked log-probs match the full form at TP {layout.tp}")
+
+
+if __name__ == "__main__":
+    main()
