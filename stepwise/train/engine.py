@@ -113,7 +113,7 @@ class Engine:
 
         def forward_step(data_iterator, model):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
-            output = model(batch["input_ids"], batch["position_ids"], None)
+            output = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
 
             def loss_func(logits):
                 if self.kind == "critic":
