@@ -13,7 +13,6 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from stepwise import losses
 from stepwise.config.schema import ParallelConfig, TrainConfig
 from stepwise.parallel.runtime import init_parallel
 from stepwise.train.action_data import ActionBatches
