@@ -123,6 +123,8 @@ class TrainConfig:
     max_bad_fraction: float = 0.01  # lenient: abort when more than this fraction of records is bad
     score_micro_batch_size: Optional[int] = None  # forward-only scoring with this section's model; None: micro_batch_size
     tensorboard: bool = False  # TensorBoard event files beside metrics.jsonl (needs the tensorboard package)
+    pack_prefixes: bool = True  # `action` batches: each state's prefix once, its actions after it, rows filled to
+    # model.max_seq_len tokens (exact; ignored under Transformer Engine, whose attention here takes no arbitrary mask)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: Optional[ParallelConfig] = None  # this section's own layout (a 7B critic beside a 72B policy); None: the recipe's
 

@@ -1,8 +1,11 @@
 """Core attention over `torch.nn.functional.scaled_dot_product_attention`, for when TE is absent.
 
 megatron's local spec materialises the S x S scores (out of memory at S=2048 on an 80 GB GPU);
-SDPA picks a fused flash / memory-efficient kernel on GPU and a blocked kernel on CPU. Causal,
-with GQA (key/value heads are expanded to the query heads of this TP rank).
+SDPA picks a fused flash / memory-efficient kernel on GPU and a blocked kernel on CPU. Causal by
+default (the fast path), with GQA (key/value heads are expanded to the query heads of this TP rank).
+Given an `attention_mask` (megatron's convention: boolean [b, 1, s, s], True where a query must NOT
+see a key; the causal part included), the mask is used instead of causality: shared-prefix packing
+(`stepwise.train.prefix_packing`) lets each action see its state's prefix and itself only.
 """
 from __future__ import annotations
 
@@ -11,8 +14,19 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
+         dropout: float, scale: float | None) -> torch.Tensor:
+    """SDPA over [b, heads, s, d]: causal without a mask, else the megatron-convention boolean mask."""
+    if attention_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale)
+    if attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
+        raise ValueError(f"attention_mask must be a boolean [b, 1, s, s] tensor, got {attention_mask.dtype} "
+                         f"{tuple(attention_mask.shape)}")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=scale)
+
+
 class SDPAttention(MegatronModule):
-    """[s, b, heads, d] query/key/value in, [s, b, heads * d] out; causal."""
+    """[s, b, heads, d] query/key/value in, [s, b, heads * d] out; causal, or `attention_mask`."""
 
     def __init__(
         self,
@@ -48,8 +62,6 @@ class SDPAttention(MegatronModule):
             groups = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale
-        )
+        out = sdpa(q, k, v, attention_mask, self.dropout if self.training else 0.0, self.softmax_scale)
         seq, batch = out.shape[2], out.shape[0]
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)

@@ -8,6 +8,14 @@ solution: eos follows), "advantage", "ref_logp"}`, tokenized piece by piece. Eve
 state lands in the same global batch, which gives the contrastive gradient the paper asks for (§4.1,
 "state-wise learning"): states are shuffled per epoch and packed whole into global batches of at most
 `global_batch_size` actions; unused slots are padding rows (id -1) that carry no loss.
+
+With `train.pack_prefixes` (the default where the attention takes a mask: the SDPA core attention,
+not Transformer Engine) a global batch is shared-prefix packed (`stepwise.train.prefix_packing`):
+each micro-batch is one row of at most `model.max_seq_len` tokens holding states' prefixes once and
+their actions after them; its `loss_mask` has one row per action ([actions, S] against the [1, S]
+log-probs, so a loss summing `logprobs * loss_mask` over dim 1 gets each action's log-prob sum), and
+the global batch's rows are dealt to the DP ranks in contiguous runs (an empty rank gets a row with
+no actions). Every row of a global batch is padded to the same length, as pipeline schedules need.
 """
 from __future__ import annotations
 
@@ -17,7 +25,8 @@ import torch
 
 from stepwise.data.jsonl import DataError, _check_field
 from stepwise.data.records import RecordScreen, token_form, token_ids
-from stepwise.train.batches import SequenceBatches, collate_sft, dp_slice, split_micro_batches, too_long
+from stepwise.train.batches import SequenceBatches, collate_sft, dp_slice, pad_length, split_micro_batches, too_long
+from stepwise.train.prefix_packing import collate_row, pack_rows, row_length
 
 PAD_INDEX = -1
 
@@ -105,11 +114,15 @@ def _state_and_action(where: str, record: dict, tokenizer) -> tuple[list[int], l
 
 
 class ActionBatches(SequenceBatches):
-    """This DP rank's micro-batches of a state-wise global batch (normaliser: real actions)."""
+    """This DP rank's micro-batches of a state-wise global batch (normaliser: real actions); packed
+    rows when `pack` (see the module docstring)."""
 
-    def __init__(self, sequences: list[dict], pad_id: int, max_seq_len: int, micro_batch_size: int):
+    def __init__(self, sequences: list[dict], pad_id: int, max_seq_len: int, micro_batch_size: int,
+                 pack: bool = False):
         super().__init__(sequences, pad_id, max_seq_len, micro_batch_size)
+        self.pack = pack
         self._padding = {"ids": [pad_id, pad_id], "mask": [0, 0], "advantage": 0.0, "ref_logp": 0.0}
+        self._packed: tuple[tuple[int, ...], list] | None = None
 
     def make_order(self, global_batch_size: int, seed: int) -> StatewiseOrder:
         groups: dict[str, list[int]] = {}
@@ -121,19 +134,54 @@ class ActionBatches(SequenceBatches):
         return self._padding if index == PAD_INDEX else self.sequences[index]
 
     def tokens(self, indices: list[int]) -> int:
+        if self.pack:
+            return sum(row_length(row) for row in self.packed_rows(indices))
         return sum(len(self.sequences[i]["ids"]) - 1 for i in indices if i != PAD_INDEX)
 
+    def packed_rows(self, indices: list[int]) -> list:
+        """The rows (`prefix_packing.pack_rows`) of the real actions among `indices` (kept for the last call)."""
+        real = tuple(i for i in indices if i != PAD_INDEX)
+        if self._packed is None or self._packed[0] != real:
+            items = []
+            for i in real:
+                ids, mask = self.sequences[i]["ids"], self.sequences[i]["mask"]
+                prefix = mask.index(1) if 1 in mask else len(ids)  # the state: the tokens before the action
+                items.append((ids[:prefix], ids[prefix:]))
+            self._packed = (real, pack_rows(items, self.max_seq_len))
+        return self._packed[1]
+
     def micro_batches(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
+        normalizer = torch.tensor(float(max(1, sum(i != PAD_INDEX for i in indices))))
+        if self.pack:
+            return self._packed_micro_batches(indices, dp_rank, dp_size, normalizer)
         mine = [self._get(i) for i in dp_slice(indices, dp_rank, dp_size)]
         batch = collate_sft(mine, self.length([self._get(i) for i in indices]), self.pad_id)
         batch["advantage"] = torch.tensor([s["advantage"] for s in mine])
         batch["ref_logp"] = torch.tensor([s["ref_logp"] for s in mine])
-        batch["normalizer"] = torch.tensor(float(max(1, sum(i != PAD_INDEX for i in indices))))
+        batch["normalizer"] = normalizer
         return split_micro_batches(batch, self.micro_batch_size)
+
+    def _packed_micro_batches(self, indices, dp_rank, dp_size, normalizer) -> list[dict[str, torch.Tensor]]:
+        real = [i for i in indices if i != PAD_INDEX]
+        rows = self.packed_rows(indices)
+        length = pad_length([max(2, row_length(row)) for row in rows] or [2], self.max_seq_len)
+        mine = rows[dp_rank * len(rows) // dp_size : (dp_rank + 1) * len(rows) // dp_size] or [[]]
+        micro = []
+        for row in mine:
+            batch = collate_row(row, length, self.pad_id)
+            records = [self.sequences[real[item]] for item in batch.pop("items").tolist()]
+            batch["advantage"] = torch.tensor([s["advantage"] for s in records], dtype=torch.float32)
+            batch["ref_logp"] = torch.tensor([s["ref_logp"] for s in records], dtype=torch.float32)
+            batch["normalizer"] = normalizer
+            micro.append(batch)
+        return micro
 
 
 def build_batches(records: list[dict], tokenizer, config, train, source: str = "data", *, where=None,
                   screen=None) -> ActionBatches:
     """The worker's entry point for data kind `action`."""
     sequences = tokenize_actions(records, tokenizer, config.model.max_seq_len, source, where=where, screen=screen)
-    return ActionBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
+    from stepwise.models.builder import te_available
+
+    pack = train.pack_prefixes and not te_available()  # TE's core attention here takes no arbitrary mask
+    return ActionBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size, pack)

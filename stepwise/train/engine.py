@@ -120,11 +120,13 @@ class Engine:
 
         def forward_step(data_iterator, model):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
-            output = model(batch["input_ids"], batch["position_ids"], None)
+            output = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
 
             def loss_func(logits):
                 read = batch.get("loss_mask")  # every policy loss reads log-probs only there (0.0 elsewhere)
                 read = None if read is None else read > 0
+                if read is not None and read.shape != batch["labels"].shape:  # a packed row: one mask row per action
+                    read = read.any(dim=0, keepdim=True)
                 if self.kind == "critic":
                     outputs = logits.squeeze(-1)
                 elif self.kind == "policy_value":

@@ -51,7 +51,7 @@ def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device) -
 
     def forward_step(data_iterator, model):
         batch = {k: v.to(device) for k, v in next(data_iterator).items()}
-        output = model(batch["input_ids"], batch["position_ids"], None)
+        output = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
 
         def collect(logits):
             if kind == "critic":

@@ -20,7 +20,7 @@ def _check(result: dict, what: str) -> None:
     assert packed_tokens < unpacked_tokens, result["tokens"]
     observed, scale = result["gradient"]
     assert scale > 0, "no gradient at all"
-    # each weight gradient sums over at most the unpadded rows' tokens
+    # a weight gradient sums over at most the unpacked rows' tokens
     within(f"skywork_dapo gradient packed vs unpacked, {what}", observed, gradient_bound(scale, TINY, unpacked_tokens))
     observed, scale = result["score"]
     assert scale > 0
