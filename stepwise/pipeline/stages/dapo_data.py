@@ -117,9 +117,11 @@ def complete_states(ctx: StageContext) -> dict | None:
     shards = sorted(graded_dir.glob("shard_*.jsonl"))
     atomic_concat(shards, ctx.path("complete") / "completions.jsonl")
     outcomes: dict[str, list[bool]] = {}
+    tokens = 0
     for record in iter_jsonl(ctx.path("complete") / "completions.jsonl"):
         outcomes.setdefault(record["state_id"], []).append(record["correct"])
+        tokens += record["num_tokens"]
     values = [{"state_id": k, "mc": sum(v) / len(v), "n": len(v)} for k, v in outcomes.items()]
     write_jsonl(ctx.dir("complete") / "mc.jsonl", values)
     return {"states": len(values), "completions": sum(len(v) for v in outcomes.values()),
-            "mean_mc": sum(v["mc"] for v in values) / max(1, len(values))}
+            "mean_mc": sum(v["mc"] for v in values) / max(1, len(values)), "generated_tokens": tokens}

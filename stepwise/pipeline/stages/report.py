@@ -38,9 +38,24 @@ def _markdown(ctx: StageContext, report: dict, plots: Plots) -> str:
         critic, advantage = (report["stages"].get(label(name, iteration), {}) for name in ("critic", "advantage"))
         lines += _critic_lines(critic, advantage, "" if iteration == 1 else f", iteration {iteration}")
     lines += plots.markdown()
-    lines += ["## Stages", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {name} | {report['seconds'].get(name, 0):.1f} |" for name in report["seconds"]]
+    lines += ["## Stages", "", "| stage | seconds | tokens/s |", "|---|---|---|"]
+    for name, seconds in report["seconds"].items():
+        rate = tokens_per_second(name, report["stages"], seconds)
+        lines.append(f"| {name} | {seconds:.1f} | {'-' if rate is None else f'{rate:,.0f}'} |")
     return "\n".join(lines) + "\n"
+
+
+def tokens_per_second(name: str, stages: dict, seconds: float) -> float | None:
+    """A stage's throughput: the tokens a sampling stage generated over its time (the `sample` stage's are
+    counted by `grade`), or a training stage's last logged tokens/s; None when the stage reports neither."""
+    summary = stages.get(name, {})
+    if name.endswith("sample"):
+        generated = stages.get(name[: -len("sample")] + "grade", {}).get("sampled_tokens")
+    else:
+        generated = summary.get("generated_tokens")
+    if generated and seconds > 0:
+        return generated / seconds
+    return summary.get("final", {}).get("tokens_per_s")
 
 
 def accuracy_rows(report: dict) -> dict[str, dict]:

@@ -102,10 +102,11 @@ def grade_sample_shards(ctx: StageContext) -> dict | None:
     if ctx.rank != 0:
         return None
     atomic_concat([out / name for name in names], ctx.path("grade") / "graded.jsonl")
-    totals = {key: sum(json.loads((out / f"{name}.counts.json").read_text())[key] for name in names)
-              for key in ("samples", "correct", "problems", "solved", "all_wrong")}
+    totals = {key: sum(json.loads((out / f"{name}.counts.json").read_text()).get(key, 0) for name in names)
+              for key in ("samples", "correct", "problems", "solved", "all_wrong", "tokens")}
     return {"samples": totals["samples"], "sample_accuracy": totals["correct"] / max(1, totals["samples"]),
-            "pass_at_n": totals["solved"] / max(1, totals["problems"]), "all_wrong_problems": totals["all_wrong"]}
+            "pass_at_n": totals["solved"] / max(1, totals["problems"]), "all_wrong_problems": totals["all_wrong"],
+            "sampled_tokens": totals["tokens"]}
 
 
 @contextlib.contextmanager
@@ -136,6 +137,7 @@ def grade_shard(task: str, source: Path, out: Path, pool) -> None:
         by_problem.setdefault(record["id"], []).append(record["correct"])
     atomic_write_json(f"{out}.counts.json", {
         "samples": len(graded), "correct": sum(verdicts), "problems": len(by_problem),
+        "tokens": sum(record["num_tokens"] for record in records),
         "solved": sum(any(v) for v in by_problem.values()), "all_wrong": sum(not any(v) for v in by_problem.values())})
     write_jsonl(out, graded)
 
