@@ -125,6 +125,8 @@ class TrainConfig:
     tensorboard: bool = False  # TensorBoard event files beside metrics.jsonl (needs the tensorboard package)
     pack_prefixes: bool = True  # `action` batches: each state's prefix once, its actions after it, rows filled to
     # model.max_seq_len tokens (exact; ignored under Transformer Engine, whose attention here takes no arbitrary mask)
+    pack_sequences: bool = True  # `sft` and `pair` batches: several samples per row of model.max_seq_len tokens,
+    # block-diagonal attention, positions restarting per sample (exact; ignored under Transformer Engine as above)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: Optional[ParallelConfig] = None  # this section's own layout (a 7B critic beside a 72B policy); None: the recipe's
 

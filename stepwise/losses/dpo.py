@@ -52,7 +52,7 @@ def dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, bet
 
 @register("dpo", DPOOptions, normalizer="pairs", data_kind="pair")
 def compute(options: DPOOptions, batch: dict[str, torch.Tensor], logprobs: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-    rows = logprobs.shape[0]
+    rows = batch["loss_mask"].shape[0]  # a packed row's loss_mask has one row per sequence
     if rows % 2:
         raise ValueError(f"dpo: a micro-batch of {rows} rows splits a (chosen, rejected) pair (data kind 'pair')")
     if "chosen" in batch and not (bool(batch["chosen"][0::2].all()) and not bool(batch["chosen"][1::2].any())):

@@ -25,8 +25,8 @@ import torch
 
 from stepwise.data.jsonl import DataError, _check_field
 from stepwise.data.records import RecordScreen, token_form, token_ids
-from stepwise.train.batches import SequenceBatches, collate_sft, dp_slice, pad_length, split_micro_batches, too_long
-from stepwise.train.prefix_packing import collate_row, pack_rows, row_length
+from stepwise.train.batches import SequenceBatches, collate_sft, dp_slice, split_micro_batches, too_long
+from stepwise.train.prefix_packing import RowPacker, item_of, mask_packing, rank_rows, row_length
 
 PAD_INDEX = -1
 
@@ -122,7 +122,7 @@ class ActionBatches(SequenceBatches):
         super().__init__(sequences, pad_id, max_seq_len, micro_batch_size)
         self.pack = pack
         self._padding = {"ids": [pad_id, pad_id], "mask": [0, 0], "advantage": 0.0, "ref_logp": 0.0}
-        self._packed: tuple[tuple[int, ...], list] | None = None
+        self._packer = RowPacker(max_seq_len)
 
     def make_order(self, global_batch_size: int, seed: int) -> StatewiseOrder:
         groups: dict[str, list[int]] = {}
@@ -141,14 +141,7 @@ class ActionBatches(SequenceBatches):
     def packed_rows(self, indices: list[int]) -> list:
         """The rows (`prefix_packing.pack_rows`) of the real actions among `indices` (kept for the last call)."""
         real = tuple(i for i in indices if i != PAD_INDEX)
-        if self._packed is None or self._packed[0] != real:
-            items = []
-            for i in real:
-                ids, mask = self.sequences[i]["ids"], self.sequences[i]["mask"]
-                prefix = mask.index(1) if 1 in mask else len(ids)  # the state: the tokens before the action
-                items.append((ids[:prefix], ids[prefix:]))
-            self._packed = (real, pack_rows(items, self.max_seq_len))
-        return self._packed[1]
+        return self._packer.rows(real, lambda: ([item_of(self.sequences[i]) for i in real], None))
 
     def micro_batches(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
         normalizer = torch.tensor(float(max(1, sum(i != PAD_INDEX for i in indices))))
@@ -163,17 +156,12 @@ class ActionBatches(SequenceBatches):
 
     def _packed_micro_batches(self, indices, dp_rank, dp_size, normalizer) -> list[dict[str, torch.Tensor]]:
         real = [i for i in indices if i != PAD_INDEX]
-        rows = self.packed_rows(indices)
-        length = pad_length([max(2, row_length(row)) for row in rows] or [2], self.max_seq_len)
-        mine = rows[dp_rank * len(rows) // dp_size : (dp_rank + 1) * len(rows) // dp_size] or [[]]
-        micro = []
-        for row in mine:
-            batch = collate_row(row, length, self.pad_id)
+        micro = rank_rows(self.packed_rows(indices), dp_rank, dp_size, self.pad_id, self.max_seq_len)
+        for batch in micro:
             records = [self.sequences[real[item]] for item in batch.pop("items").tolist()]
             batch["advantage"] = torch.tensor([s["advantage"] for s in records], dtype=torch.float32)
             batch["ref_logp"] = torch.tensor([s["ref_logp"] for s in records], dtype=torch.float32)
             batch["normalizer"] = normalizer
-            micro.append(batch)
         return micro
 
 
@@ -181,7 +169,5 @@ def build_batches(records: list[dict], tokenizer, config, train, source: str = "
                   screen=None) -> ActionBatches:
     """The worker's entry point for data kind `action`."""
     sequences = tokenize_actions(records, tokenizer, config.model.max_seq_len, source, where=where, screen=screen)
-    from stepwise.models.builder import te_available
-
-    pack = train.pack_prefixes and not te_available()  # TE's core attention here takes no arbitrary mask
-    return ActionBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size, pack)
+    return ActionBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size,
+                         mask_packing(train.pack_prefixes))

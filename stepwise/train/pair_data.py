@@ -10,6 +10,11 @@ and the eos, exactly the tokens this builder marks in `loss_mask`. Optional `cho
 one pair, so `global_batch_size` and `micro_batch_size` count *pairs*: a micro-batch of m pairs has
 2m rows, pair i at rows 2i (chosen) and 2i+1 (rejected), so the two halves of a pair are always in
 the same forward pass. The normaliser is the number of pairs in the global batch.
+
+With `train.pack_sequences` a global batch is packed as `sft_data` describes, each pair a group that
+never straddles two rows (chosen then rejected, sharing the prompt once): a micro-batch is one row
+whose `loss_mask` [2 x pairs, S] has a pair's rows at 2i and 2i+1 as above, `ref_logp` and `chosen`
+alike. A global batch with a pair too long for one row is collated unpacked (as exact).
 """
 from __future__ import annotations
 
@@ -17,7 +22,10 @@ import torch
 
 from stepwise.data.jsonl import _check_field
 from stepwise.train.batches import LENGTH_MULTIPLE, DataOrder, collate_sft, dp_slice, pad_length, split_micro_batches
+from stepwise.train.prefix_packing import RowPacker, item_of, mask_packing, rank_rows, row_length
 from stepwise.train.sft_data import tokenize_sft
+
+SIDES = ("chosen", "rejected")
 
 
 def tokenize_pairs(records: list[dict], tokenizer, max_seq_len: int, source: str = "data") -> list[dict]:
@@ -41,11 +49,13 @@ class PairBatches:
 
     length_multiple = LENGTH_MULTIPLE  # as SequenceBatches.length_multiple
 
-    def __init__(self, pairs: list[dict], pad_id: int, max_seq_len: int, micro_batch_size: int):
+    def __init__(self, pairs: list[dict], pad_id: int, max_seq_len: int, micro_batch_size: int, pack: bool = False):
         self.pairs = pairs
         self.pad_id = pad_id
         self.max_seq_len = max_seq_len
         self.micro_batch_size = micro_batch_size  # in pairs
+        self.pack = pack
+        self._packer = RowPacker(max_seq_len)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -53,17 +63,38 @@ class PairBatches:
     def make_order(self, global_batch_size: int, seed: int) -> DataOrder:
         return DataOrder(len(self.pairs), global_batch_size, seed)
 
+    def packed_rows(self, indices: list[int]) -> list | None:
+        """The packed rows of a global batch of pairs (None: a pair does not fit one row)."""
+        def items():
+            return [item_of(self.pairs[i][side]) for i in indices for side in SIDES], [2] * len(indices)
+
+        return self._packer.rows(tuple(indices), items)
+
     def tokens(self, indices: list[int]) -> int:
-        return sum(len(self.pairs[i][side]["ids"]) - 1 for i in indices for side in ("chosen", "rejected"))
+        rows = self.packed_rows(indices) if self.pack else None
+        if rows is not None:
+            return sum(row_length(row) for row in rows)
+        return sum(len(self.pairs[i][side]["ids"]) - 1 for i in indices for side in SIDES)
 
     def micro_batches(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
-        length = pad_length([len(self.pairs[i][side]["ids"]) - 1 for i in indices for side in ("chosen", "rejected")],
+        normalizer = torch.tensor(float(max(1, len(indices))))
+        rows = self.packed_rows(indices) if self.pack else None
+        if rows is not None:
+            micro = rank_rows(rows, dp_rank, dp_size, self.pad_id, self.max_seq_len, self.length_multiple)
+            for batch in micro:
+                items = batch.pop("items").tolist()  # 2i + side of pair indices[i]
+                batch["ref_logp"] = torch.tensor([self.pairs[indices[k // 2]]["ref_logp"][k % 2] for k in items],
+                                                 dtype=torch.float32)
+                batch["chosen"] = torch.tensor([float(k % 2 == 0) for k in items])
+                batch["normalizer"] = normalizer
+            return micro
+        length = pad_length([len(self.pairs[i][side]["ids"]) - 1 for i in indices for side in SIDES],
                             self.max_seq_len, self.length_multiple)
         mine = [self.pairs[i] for i in dp_slice(indices, dp_rank, dp_size)]
-        batch = collate_sft([p[side] for p in mine for side in ("chosen", "rejected")], length, self.pad_id)
+        batch = collate_sft([p[side] for p in mine for side in SIDES], length, self.pad_id)
         batch["ref_logp"] = torch.tensor([v for p in mine for v in p["ref_logp"]], dtype=torch.float32)
         batch["chosen"] = torch.tensor([1.0, 0.0] * len(mine))
-        batch["normalizer"] = torch.tensor(float(max(1, len(indices))))
+        batch["normalizer"] = normalizer
         return split_micro_batches(batch, 2 * self.micro_batch_size)
 
 
@@ -71,4 +102,5 @@ def build_batches(records: list[dict], tokenizer, config, train, source: str = "
                   screen=None) -> PairBatches:
     """The worker's entry point for data kind `pair` (strict: every bad record is an error, `where` / `screen` unused)."""
     pairs = tokenize_pairs(records, tokenizer, config.model.max_seq_len, source)
-    return PairBatches(pairs, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
+    return PairBatches(pairs, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size,
+                       mask_packing(train.pack_sequences))

@@ -9,12 +9,19 @@ segment sees its block's shared tokens and itself (causally), never another segm
 its position ids continue from the shared part, so every target sees exactly the context and the
 positions it has in its own unpadded row. Blocks fill rows of at most `budget` input tokens in the
 items' order (an item of a new prefix opens a new block; one that does not fit opens a new row).
+Consecutive items may be tied into a group that never straddles two rows (a DPO pair: both halves in
+one forward pass). The same layout packs whole samples (SFT, DPO, ...): an item is (prompt,
+response), consecutive samples of one prompt share it, and samples of different prompts are blocks
+that never see each other (block-diagonal causal attention, positions restarting at 0 per block).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+
+from stepwise.train.batches import LENGTH_MULTIPLE, pad_length
 
 
 @dataclass
@@ -34,27 +41,46 @@ def segment_of(prefix: list[int], action: list[int]) -> tuple[list[int], list[in
     return prefix[:-1], whole[:-1], whole[1:]
 
 
-def pack_rows(items: list[tuple[list[int], list[int]]], budget: int) -> list[list[Block]]:
-    """Rows of blocks holding `items` in order; a row's input tokens never exceed `budget`."""
+class RowBudgetError(ValueError):
+    """An item, or a group of items that must share a row, exceeds the row budget."""
+
+
+def pack_rows(items: list[tuple[list[int], list[int]]], budget: int,
+              group_sizes: list[int] | None = None) -> list[list[Block]]:
+    """Rows of blocks holding `items` in order; a row's input tokens never exceed `budget`. The items
+    come in consecutive groups of `group_sizes` (default: one each) that each land in one row."""
+    sizes = group_sizes if group_sizes is not None else [1] * len(items)
+    if sum(sizes) != len(items):
+        raise ValueError(f"group sizes {sum(sizes)} do not add up to the {len(items)} items")
     rows: list[list[Block]] = []
-    row_length = budget + 1  # forces the first row
-    for index, (prefix, action) in enumerate(items):
-        shared, inputs, targets = segment_of(prefix, action)
-        if len(shared) + len(inputs) > budget:
-            raise ValueError(f"item {index}: {len(shared) + len(inputs)} input tokens exceed the row budget {budget}")
-        block = rows[-1][-1] if rows else None
-        if block is not None and block.shared == shared and row_length + len(inputs) <= budget:
-            row_length += len(inputs)
-        else:
-            block = Block(shared)
-            if row_length + len(shared) + len(inputs) > budget:
-                rows.append([])
-                row_length = 0
-            rows[-1].append(block)
-            row_length += len(shared) + len(inputs)
-        block.segments.append((inputs, targets))
-        block.items.append(index)
+    start = 0
+    for size in sizes:
+        group = range(start, start + size)
+        start += size
+        if rows:
+            extended = _placed(rows[-1], items, group)
+            if row_length(extended) <= budget:
+                rows[-1] = extended
+                continue
+        row = _placed([], items, group)
+        if row_length(row) > budget:
+            what = f"item {group[0]}" if size == 1 else f"items {group[0]}..{group[-1]} (one group)"
+            raise RowBudgetError(f"{what}: {row_length(row)} input tokens exceed the row budget {budget}")
+        rows.append(row)
     return rows
+
+
+def _placed(row: list[Block], items: list[tuple[list[int], list[int]]], indices: range) -> list[Block]:
+    """A copy of `row` with `items[indices]` appended, each in the last block when it has the item's
+    shared part, else in a new block (`row` itself is left as it was)."""
+    row = row[:-1] + [Block(row[-1].shared, list(row[-1].segments), list(row[-1].items))] if row else []
+    for index in indices:
+        shared, inputs, targets = segment_of(*items[index])
+        if not row or row[-1].shared != shared:
+            row.append(Block(shared))
+        row[-1].segments.append((inputs, targets))
+        row[-1].items.append(index)
+    return row
 
 
 def row_length(row: list[Block]) -> int:
@@ -111,3 +137,48 @@ def blocked_mask(block_of: torch.Tensor, segment_of_token: torch.Tensor) -> torc
     same_block = block_of[:, None] == block_of[None, :]
     visible = (segment_of_token[None, :] == 0) | (segment_of_token[:, None] == segment_of_token[None, :])
     return ~(causal & same_block & visible)[None, None]
+
+
+def item_of(sequence: dict) -> tuple[list[int], list[int]]:
+    """(prefix, targets) of a token record `{"ids", "mask"}`: the tokens before its first target, the rest."""
+    ids, mask = sequence["ids"], sequence["mask"]
+    prefix = mask.index(1) if 1 in mask else len(ids)
+    return ids[:prefix], ids[prefix:]
+
+
+def mask_packing(enabled: bool) -> bool:
+    """Whether packing configured `enabled` applies: only where the core attention takes an arbitrary
+    mask (the SDPA path, not Transformer Engine's)."""
+    from stepwise.models.builder import te_available
+
+    return enabled and not te_available()
+
+
+class RowPacker:
+    """`pack_rows` of a global batch, kept for the last one asked (`tokens` and `micro_batches` ask for
+    the same global batch in turn); None when a group does not fit the budget (the caller then
+    collates that global batch unpacked, as exact)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._last: tuple[tuple, list[list[Block]] | None] | None = None
+
+    def rows(self, key: tuple, items_of: Callable[[], tuple[list, list[int] | None]]) -> list[list[Block]] | None:
+        if self._last is None or self._last[0] != key:
+            items, group_sizes = items_of()
+            try:
+                rows = pack_rows(items, self.budget, group_sizes)
+            except RowBudgetError:
+                rows = None
+            self._last = (key, rows)
+        return self._last[1]
+
+
+def rank_rows(rows: list[list[Block]], dp_rank: int, dp_size: int, pad_id: int, max_seq_len: int,
+              multiple: int = LENGTH_MULTIPLE) -> list[dict[str, torch.Tensor]]:
+    """This DP rank's micro-batches of a global batch's `rows`: a contiguous run of them (an empty rank
+    gets one row without segments), each collated (`collate_row`, with `items`) at the length every
+    rank pads to, as pipeline schedules need."""
+    length = pad_length([max(2, row_length(row)) for row in rows] or [2], max_seq_len, multiple)
+    mine = rows[dp_rank * len(rows) // dp_size : (dp_rank + 1) * len(rows) // dp_size] or [[]]
+    return [collate_row(row, length, pad_id) for row in mine]

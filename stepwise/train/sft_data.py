@@ -3,6 +3,12 @@
 A sequence is prompt + response + eos; targets are the response tokens and the eos. A record in token
 form carries `response_ids` instead (the exact sampled ids, ending in eos: `tasks.steps.target_ids`),
 used as they are. The global normaliser is the number of target tokens in the whole global batch.
+
+With `train.pack_sequences` (the default where the attention takes a mask) a global batch is packed
+(`stepwise.train.prefix_packing`): each micro-batch is one row of at most `model.max_seq_len` tokens
+holding several samples, each attending to itself only, at its own positions (samples of one prompt
+in a row share it, as exact), with a `loss_mask` of one row per sample ([samples, S] against the
+[1, S] log-probs); rows are dealt to the DP ranks in contiguous runs.
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import torch
 
 from stepwise.data.records import RecordScreen, token_form, token_ids
 from stepwise.train.batches import SequenceBatches, collate_sft, split_micro_batches, too_long
+from stepwise.train.prefix_packing import RowPacker, item_of, mask_packing, rank_rows, row_length
 
 
 def tokenize_sft(records: list[dict], tokenizer, max_seq_len: int, source: str = "data", *,
@@ -34,13 +41,34 @@ def tokenize_sft(records: list[dict], tokenizer, max_seq_len: int, source: str =
 
 
 class SFTBatches(SequenceBatches):
-    """Builds this DP rank's micro-batches of a global batch of token records."""
+    """Builds this DP rank's micro-batches of a global batch of token records; packed rows when `pack`."""
+
+    def __init__(self, sequences: list[dict], pad_id: int, max_seq_len: int, micro_batch_size: int,
+                 pack: bool = False):
+        super().__init__(sequences, pad_id, max_seq_len, micro_batch_size)
+        self.pack = pack
+        self._packer = RowPacker(max_seq_len)
+
+    def packed_rows(self, indices: list[int]) -> list | None:
+        """The packed rows of a global batch (None: a sample does not fit, collate it unpacked)."""
+        return self._packer.rows(tuple(indices), lambda: ([item_of(self.sequences[i]) for i in indices], None))
+
+    def tokens(self, indices: list[int]) -> int:
+        rows = self.packed_rows(indices) if self.pack else None
+        return super().tokens(indices) if rows is None else sum(row_length(row) for row in rows)
 
     def micro_batches(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
         chosen = [self.sequences[i] for i in indices]
-        normalizer = float(sum(sum(s["mask"][1:]) for s in chosen))
+        normalizer = torch.tensor(max(float(sum(sum(s["mask"][1:]) for s in chosen)), 1.0))
+        rows = self.packed_rows(indices) if self.pack else None
+        if rows is not None:
+            micro = rank_rows(rows, dp_rank, dp_size, self.pad_id, self.max_seq_len, self.length_multiple)
+            for batch in micro:
+                batch.pop("items")
+                batch["normalizer"] = normalizer
+            return micro
         batch = collate_sft(self.mine(indices, dp_rank, dp_size), self.length(chosen), self.pad_id)
-        batch["normalizer"] = torch.tensor(max(normalizer, 1.0))
+        batch["normalizer"] = normalizer
         return split_micro_batches(batch, self.micro_batch_size)
 
 
@@ -48,4 +76,5 @@ def build_batches(records: list[dict], tokenizer, config, train, source: str = "
                   screen=None) -> SFTBatches:
     """The worker's entry point for data kind `sft`."""
     sequences = tokenize_sft(records, tokenizer, config.model.max_seq_len, source, where=where, screen=screen)
-    return SFTBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
+    return SFTBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size,
+                      mask_packing(train.pack_sequences))

@@ -1,9 +1,12 @@
-"""Worker: `skywork_dapo` gradients and `policy` scores (summed action log-probs, as the advantage
-stage stores them) of one fixed state-wise global batch, shared-prefix packed and unpacked, on one
-model at TP x PP; saves from rank 0 {"gradient": (observed max |diff|, max |grad|), "score": (max
-|diff|, max |score|), "tokens": (packed, unpacked)}, each maximum taken over all ranks.
+"""Worker: gradients of one fixed global batch, packed and unpacked, on one model at TP x PP, for a
+CASE: `skywork_dapo` (state-wise `action` batch, shared-prefix packed; also the `policy` scores, summed
+action log-probs as the advantage stage stores them), `sft` or `dpo` (sequence-packed `sft` / `pair`
+batches). Saves from rank 0 {"gradient": (observed max |diff|, max |grad|), "score": (max |diff|,
+max |score|) or None, "tokens": (packed, unpacked: `batches.tokens`), "computed": (packed, unpacked:
+input positions of every DP rank's micro-batches, padding included), "rows": (packed, unpacked
+micro-batches of all DP ranks)}, each maximum taken over all ranks.
 
-    python -m torch.distributed.run --nproc-per-node=N _packing_worker.py OUT TP PP
+    python -m torch.distributed.run --nproc-per-node=N _packing_worker.py OUT TP PP [CASE]
 """
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ import torch.distributed as dist
 from stepwise.config.schema import ParallelConfig, TrainConfig
 from stepwise.parallel.runtime import init_parallel
 from stepwise.train.action_data import ActionBatches
+from stepwise.train.pair_data import PairBatches
+from stepwise.train.sft_data import SFTBatches
 from stepwise.train.score import _score_batches
-from tests.integration._grad_worker import TINY, engine_for
+from tests.integration._grad_worker import TINY, engine_for, random_sequences
 
 MAX_SEQ_LEN = 32  # engine_for's ModelConfig: the packed row budget
 
@@ -41,38 +46,69 @@ def state_records(seed: int = 3) -> list[dict]:
     return records
 
 
+def pair_records(seed: int = 5) -> list[dict]:
+    """6 pairs: a chosen and a rejected response (1..10 tokens) to one prompt of 3 tokens; random
+    reference log-probs."""
+    generator = torch.Generator().manual_seed(seed)
+    pairs = []
+    for chosen, other in zip(random_sequences(6, seed), random_sequences(6, seed + 1)):
+        prompt = chosen["ids"][:3]
+        sides = [prompt + s["ids"][3:13] for s in (chosen, other)]
+        pairs.append({**{side: {"ids": ids, "mask": [0] * 3 + [1] * (len(ids) - 3)} for side, ids in zip(("chosen", "rejected"), sides)},
+                      "ref_logp": tuple((torch.randn(2, generator=generator) - 30).tolist())})
+    return pairs
+
+
+def batches_of(case: str, micro_batch_size: int, pack: bool):
+    """The case's batch object over its fixed samples, packed or not (row budget MAX_SEQ_LEN)."""
+    if case == "skywork_dapo":
+        return ActionBatches(state_records(), 0, MAX_SEQ_LEN, micro_batch_size, pack=pack)
+    if case == "sft":
+        return SFTBatches(random_sequences(8, 4), 0, MAX_SEQ_LEN, micro_batch_size, pack=pack)
+    if case == "dpo":
+        return PairBatches(pair_records(), 0, MAX_SEQ_LEN, micro_batch_size, pack=pack)
+    raise ValueError(f"no packing case {case}")
+
+
 def global_max(value: float) -> float:
     tensor = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor)
 
 
-def main(out: str, tp: int, pp: int) -> None:
+def main(out: str, tp: int, pp: int, case: str) -> None:
     layout = init_parallel(tp, pp, seed=7)
-    records = state_records()
-    indices = list(range(len(records)))
-    train = TrainConfig(loss="skywork_dapo", global_batch_size=len(records), micro_batch_size=2)
-    plugin, engine = engine_for("skywork_dapo", train, ParallelConfig(tp=tp, pp=pp, nproc_per_node=layout.world_size),
-                                layout, 10)
+    train = TrainConfig(loss=case, global_batch_size=8, micro_batch_size=2)
+    plugin, engine = engine_for(case, train, ParallelConfig(tp=tp, pp=pp, nproc_per_node=layout.world_size), layout, 10)
     loss_fn = partial(plugin.compute, plugin.parse_options({}))
-    grads, scores, tokens = {}, {}, {}
+    grads, scores, tokens, rows, computed = {}, {}, {}, {}, {}
     for pack in (False, True):
-        batches = ActionBatches(records, 0, MAX_SEQ_LEN, train.micro_batch_size, pack=pack)
+        batches = batches_of(case, train.micro_batch_size, pack)
+        indices = list(range(len(batches)))
         micro = batches.micro_batches(indices, layout.dp_rank, layout.dp)
+        assert pack == ("attention_mask" in micro[0]), f"{case}: pack={pack} but the micro-batches disagree"
         engine.forward_backward(micro, loss_fn)
         grads[pack] = {name: p.main_grad.detach().clone() for name, p in engine.model.module.named_parameters()}
-        engine.model.eval()
-        scores[pack] = torch.tensor(_score_batches(engine.model, micro, "policy", TINY["vocab_size"], layout.device))
-        tokens[pack] = batches.tokens(indices)
+        if case == "skywork_dapo":
+            engine.model.eval()
+            scores[pack] = torch.tensor(_score_batches(engine.model, micro, "policy", TINY["vocab_size"], layout.device))
+        every_rank = [m for r in range(layout.dp) for m in batches.micro_batches(indices, r, layout.dp)]
+        tokens[pack], rows[pack] = batches.tokens(indices), len(every_rank)
+        computed[pack] = sum(m["input_ids"].numel() for m in every_rank)
     gradient = max((grads[True][n] - grads[False][n]).abs().max().item() for n in grads[True])
     scale = max(g.abs().max().item() for g in grads[False].values())
-    score_diff = (scores[True] - scores[False]).abs().max().item() if layout.is_last_stage else 0.0
-    score_scale = scores[False].abs().max().item() if layout.is_last_stage else 0.0
-    result = {"gradient": (global_max(gradient), global_max(scale)), "score": (global_max(score_diff), global_max(score_scale)),
-              "tokens": (tokens[True], tokens[False]), "scores": len(scores[False]) if layout.is_last_stage else -1}
+    score = None
+    if scores:
+        score_diff = (scores[True] - scores[False]).abs().max().item() if layout.is_last_stage else 0.0
+        score_scale = scores[False].abs().max().item() if layout.is_last_stage else 0.0
+        score = (global_max(score_diff), global_max(score_scale))
+    result = {"gradient": (global_max(gradient), global_max(scale)), "score": score,
+              "tokens": (tokens[True], tokens[False]), "rows": (rows[True], rows[False]),
+              "computed": (computed[True], computed[False]),
+              "scores": len(scores[False]) if scores and layout.is_last_stage else -1}
     if dist.get_rank() == 0:
         torch.save(result, out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "skywork_dapo")

@@ -1,6 +1,7 @@
-"""Shared-prefix packing is exact: `skywork_dapo` gradients and the advantage stage's `policy` scores
-(summed action log-probs) of one state-wise global batch agree packed and unpacked, within the fp32
-reordering bound of tests/tolerance.py, at TP 1, TP 2 and PP 2."""
+"""Packing is exact: `skywork_dapo` gradients and the advantage stage's `policy` scores (summed action
+log-probs) of one state-wise global batch (shared-prefix packed), and `sft` / `dpo` gradients of one
+sequence-packed global batch, agree packed and unpacked within the fp32 reordering bound of
+tests/tolerance.py, at TP 1, TP 2 and PP 2. Each prints its tokens per global batch packed vs unpacked."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,25 +18,38 @@ WORKER = Path(__file__).with_name("_packing_worker.py")
 
 def _check(result: dict, what: str) -> None:
     packed_tokens, unpacked_tokens = result["tokens"]
-    assert packed_tokens < unpacked_tokens, result["tokens"]
+    print(f"[packing] {what}: tokens packed {packed_tokens} vs unpacked {unpacked_tokens}, computed with "
+          f"padding {result['computed'][0]} vs {result['computed'][1]}, micro-batches {result['rows'][0]} vs {result['rows'][1]}")
+    assert packed_tokens <= unpacked_tokens, result["tokens"]  # equal unless samples share a prefix
+    assert result["computed"][0] < result["computed"][1], result["computed"]
     observed, scale = result["gradient"]
     assert scale > 0, "no gradient at all"
     # a weight gradient sums over at most the unpacked rows' tokens
-    within(f"skywork_dapo gradient packed vs unpacked, {what}", observed, gradient_bound(scale, TINY, unpacked_tokens))
-    observed, scale = result["score"]
-    assert scale > 0
-    within(f"policy scores packed vs unpacked, {what}", observed, output_bound(scale, TINY, unpacked_tokens))
+    within(f"gradient packed vs unpacked, {what}", observed, gradient_bound(scale, TINY, unpacked_tokens))
+    if result["score"] is not None:
+        observed, scale = result["score"]
+        assert scale > 0
+        within(f"policy scores packed vs unpacked, {what}", observed, output_bound(scale, TINY, unpacked_tokens))
 
 
 def test_packing_is_exact_at_tp1(tmp_path):
     run_python(WORKER, tmp_path / "tp1.pt", 1, 1)
     result = torch.load(tmp_path / "tp1.pt")
     assert result["scores"] == 12
-    _check(result, "TP 1")
+    _check(result, "skywork_dapo TP 1")
+
+
+@pytest.mark.parametrize("case", ["sft", "dpo"])
+def test_sequence_packing_is_exact_at_tp1(tmp_path, case):
+    run_python(WORKER, tmp_path / "tp1.pt", 1, 1, case)
+    result = torch.load(tmp_path / "tp1.pt")
+    assert result["tokens"][0] < result["tokens"][1] or case == "sft"  # a pair's prompt once
+    _check(result, f"{case} TP 1")
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", ["skywork_dapo", "sft", "dpo"])
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_packing_is_exact_at_tp2_and_pp2(tmp_path, tp, pp):
-    run_torchrun(2, WORKER, tmp_path / "out.pt", tp, pp)
-    _check(torch.load(tmp_path / "out.pt"), f"TP {tp} PP {pp}")
+def test_packing_is_exact_at_tp2_and_pp2(tmp_path, tp, pp, case):
+    run_torchrun(2, WORKER, tmp_path / "out.pt", tp, pp, case)
+    _check(torch.load(tmp_path / "out.pt"), f"{case} TP {tp} PP {pp}")
