@@ -90,11 +90,12 @@ def test_grade_shard_runs_correct_and_wrong_programs(tmp_path, fork_pool):
                {"id": "fixture-sum-pair", "answer": answer,
                 "response": "```python\na, b = map(int, input().split())\nprint(a - b)\n```"},
                {"id": "fixture-sum-pair", "answer": answer, "response": "I cannot solve this."}]
+    samples = [{**sample, "num_tokens": 10 + k} for k, sample in enumerate(samples)]  # as the sampler writes them
     write_jsonl(tmp_path / "shard_00000.jsonl", samples)
     grade_shard("code", tmp_path / "shard_00000.jsonl", tmp_path / "graded.jsonl", fork_pool)
     assert [r["correct"] for r in read_jsonl(tmp_path / "graded.jsonl")] == [True, False, False]
     counts = json.loads((tmp_path / "graded.jsonl.counts.json").read_text())
-    assert counts == {"samples": 3, "correct": 1, "problems": 1, "solved": 1, "all_wrong": 0}
+    assert counts == {"samples": 3, "correct": 1, "problems": 1, "solved": 1, "all_wrong": 0, "tokens": 33}
 
 
 def test_a_completion_is_graded_on_the_solution_before_its_state_and_the_completion(tmp_path, fork_pool):
@@ -102,9 +103,9 @@ def test_a_completion_is_graded_on_the_solution_before_its_state_and_the_complet
     answer = read_task_problems(code_task(), str(CODE / "taco_train.jsonl"), None)[1]["answer"]
     prefix = "Read both numbers, then print the sum.\n```python\na, b = map(int, input().split())\n"
     completions = [{"id": "fixture-sum-pair", "state_id": "s1", "answer": answer, "prefix": prefix,
-                    "response": "print(a + b)\n```"},
+                    "response": "print(a + b)\n```", "num_tokens": 12},
                    {"id": "fixture-sum-pair", "state_id": "s1", "answer": answer, "prefix": prefix,
-                    "response": "print(a * b)\n```"}]
+                    "response": "print(a * b)\n```", "num_tokens": 12}]
     assert solution_text(completions[0]) == prefix + "print(a + b)\n```"
     write_jsonl(tmp_path / "shard_00000.jsonl", completions + [{**completions[0], "prefix": ""}])
     grade_shard("code", tmp_path / "shard_00000.jsonl", tmp_path / "graded.jsonl", fork_pool)
@@ -117,7 +118,7 @@ def test_arith_grading_of_a_completion_keeps_its_verdict_with_the_prefix(tmp_pat
     rows = [{"id": "p", "answer": "14", "prefix": "3+4=7\n", "response": "7*2=14\nA: 14"},
             {"id": "p", "answer": "14", "prefix": "3+4=7\n", "response": "7*2=15\nA: 15"},
             {"id": "p", "answer": "14", "prefix": "3+4=7\n7*2=14\n", "response": "no answer"}]
-    write_jsonl(tmp_path / "shard_00000.jsonl", rows)
+    write_jsonl(tmp_path / "shard_00000.jsonl", [{**row, "num_tokens": len(row["response"])} for row in rows])
     grade_shard("arith", tmp_path / "shard_00000.jsonl", tmp_path / "graded.jsonl", fork_pool)
     assert [r["correct"] for r in read_jsonl(tmp_path / "graded.jsonl")] == [True, False, False]
 
