@@ -150,6 +150,10 @@ class ActionBatches(SequenceBatches):
             self._packed = (real, pack_rows(items, self.max_seq_len))
         return self._packed[1]
 
+    def micro_batch_count(self, indices: list[int]) -> int:
+        """How many micro-batches `micro_batches(indices, 0, 1)` gives, without building them."""
+        return max(1, len(self.packed_rows(indices))) if self.pack else -(-len(indices) // self.micro_batch_size)
+
     def micro_batches(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
         normalizer = torch.tensor(float(max(1, sum(i != PAD_INDEX for i in indices))))
         if self.pack:
