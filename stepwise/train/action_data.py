@@ -143,6 +143,10 @@ class ActionBatches(SequenceBatches):
         real = tuple(i for i in indices if i != PAD_INDEX)
         return self._packer.rows(real, lambda: ([item_of(self.sequences[i]) for i in real], None))
 
+    def micro_batch_count(self, indices: list[int]) -> int:
+        """How many micro-batches `micro_batches(indices, 0, 1)` gives, without building them."""
+        return max(1, len(self.packed_rows(indices))) if self.pack else -(-len(indices) // self.micro_batch_size)
+
     def micro_batches(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
         normalizer = torch.tensor(float(max(1, sum(i != PAD_INDEX for i in indices))))
         if self.pack:

@@ -140,6 +140,10 @@ class SequenceBatches:
         """Padded length of a global batch of `sequences` (every DP rank pads alike)."""
         return pad_length([len(s["ids"]) - self.label_shift for s in sequences], self.max_seq_len, self.length_multiple)
 
+    def micro_batch_count(self, indices: list[int]) -> int:
+        """How many micro-batches `micro_batches(indices, 0, 1)` gives (a builder may count without building)."""
+        return len(self.micro_batches(indices, 0, 1))
+
     def mine(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict]:
         return [self.sequences[i] for i in dp_slice(indices, dp_rank, dp_size)]
 

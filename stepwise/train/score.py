@@ -3,18 +3,20 @@
     python -m stepwise.train.score --recipe R.yaml --ckpt CKPT --kind critic|policy|tokens --data D.jsonl \
         --tokenizer DIR --out DIR
 
-`critic`: records `{"prompt", "steps", "mc"}` (as for critic training; `mc` only sizes the output)
--> `values`: sigmoid(head) at the end of each state. `policy`: action records (as for
+`critic`: `values` records (as for critic training, solutions or branched; `mc` only sizes the
+output) -> `values`: sigmoid(head) at the end of each state, or of each branch. `policy`: action records (as for
 `skywork_dapo`) -> `logp`: log pi(action | state), summed over the action's tokens. `tokens`: records
 `{"prompt", "response", "token_ids" (optional)}` -> `logprobs`: log pi of each response token, eos
 included, tokenized exactly as the `trajectory` builder does (so the list can be a trajectory's
 `ref_logp` / `behaviour_logp` as is, and its sum is the `pair` / `labelled` builders' sequence log-prob
 of prompt + response + eos). Each DP group
-scores a contiguous slice and writes `OUT/part_<dp>.jsonl` (`{"index", ...}`); `read_scores` merges.
+scores a contiguous slice in one forward-only pipeline schedule of many micro-batches (`score_records`)
+and writes `OUT/part_<dp>.jsonl` (`{"index", ...}`); `read_scores` merges.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -42,11 +44,24 @@ def response_token_values(values: torch.Tensor, loss_mask: torch.Tensor) -> list
     return [values[row][mask[row]].tolist() for row in range(values.shape[0])]
 
 
-def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device) -> list[list[float]]:
+def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device, count: int | None = None,
+                  seq_length: int | None = None) -> list[list[float]]:
+    """The last stage's outputs of `micro_batches` (`count` of them, any iterable; a list by default) in
+    one forward-only pipeline schedule: per row its values (`critic`) or token log-probs (`tokens`),
+    per action [summed log-prob] (`policy`); empty on the other stages. Micro-batches may differ in
+    length and size: at PP > 1 the stages exchange each activation's shape (megatron's
+    variable_seq_lengths), so none is padded to another's length."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
 
     from stepwise.train.logprobs import token_logprobs
 
+    if count is None:
+        micro_batches = list(micro_batches)
+        count = len(micro_batches)
+        seq_length = seq_length or (micro_batches[0]["input_ids"].shape[1] if micro_batches else 0)
+    if count == 0:
+        return []
     results: list[list[float]] = []
 
     def forward_step(data_iterator, model):
@@ -67,12 +82,46 @@ def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device) -
 
         return output, collect
 
-    with torch.no_grad():
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches),
-                                    model=[engine_model], num_microbatches=len(micro_batches),
-                                    seq_length=micro_batches[0]["input_ids"].shape[1],
-                                    micro_batch_size=micro_batches[0]["input_ids"].shape[0], forward_only=True)
+    config = get_model_config(engine_model)
+    variable = config.variable_seq_lengths
+    config.variable_seq_lengths = True  # p2p shapes per micro-batch (no effect at PP 1)
+    try:
+        with torch.no_grad():
+            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches),
+                                        model=[engine_model], num_microbatches=count, seq_length=seq_length,
+                                        micro_batch_size=1, forward_only=True)
+    finally:
+        config.variable_seq_lengths = variable
     return results
+
+
+def score_records(model, batches, indices: list[int], kind: str, vocab: int, device) -> list[list[float]]:
+    """The scores of records `indices` of `batches` (a batch builder), one list per record in order, on
+    the last stage (empty elsewhere): one forward-only schedule over all of them, so every pipeline
+    stage works on its own micro-batch at once. Micro-batches hold `batches.micro_batch_size` records
+    (or one packed row) each, padded to their own length, built as the schedule asks for them."""
+    size = batches.micro_batch_size
+    chunks = [indices[start : start + size] for start in range(0, len(indices), size)]
+    counts = [batches.micro_batch_count(chunk) for chunk in chunks]
+
+    def stream():
+        for chunk, count in zip(chunks, counts):
+            micro = batches.micro_batches(chunk, 0, 1)
+            if len(micro) != count:
+                raise RuntimeError(f"{type(batches).__name__}.micro_batch_count gave {count} micro-batches for "
+                                   f"records {chunk[0]}..{chunk[-1]}, micro_batches {len(micro)}")
+            yield from micro
+
+    outputs = _score_batches(model, stream(), kind, vocab, device, sum(counts), batches.max_seq_len)
+    if kind != "critic" or not outputs:
+        return outputs
+    # packed rows hold several records' values (and a record may span rows): regroup them by record
+    flat = [value for row in outputs for value in row]
+    sizes = [len(batches.sequences[i]["targets"]) for i in indices]
+    if len(flat) != sum(sizes):
+        raise RuntimeError(f"scoring read {len(flat)} values for records expecting {sum(sizes)}")
+    ends = list(itertools.accumulate(sizes))
+    return [flat[end - n : end] for end, n in zip(ends, sizes)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         batches.length_multiple = length_multiple(config.model, parallel)
     mine = dp_slice(list(range(len(records))), layout.dp_rank, layout.dp)
     mine += list(range(len(records)))[len(mine) * layout.dp :] if layout.dp_rank == layout.dp - 1 else []
-    scores: list[list[float]] = []
-    for start in range(0, len(mine), args.micro_batch_size):
-        chunk = mine[start : start + args.micro_batch_size]
-        scores += _score_batches(model, batches.micro_batches(chunk, 0, 1), args.kind, arch.vocab_size, layout.device)
+    scores = score_records(model, batches, mine, args.kind, arch.vocab_size, layout.device)
     if layout.is_last_stage and layout.tp_rank == 0:
         key = {"critic": "values", "tokens": "logprobs"}.get(args.kind, "logp")
         rows = [{"index": i, key: s if args.kind != "policy" else s[0]} for i, s in zip(mine, scores)]

@@ -188,18 +188,24 @@ def advantage_data(ctx: StageContext, stage_name: str, source: str) -> dict:
 
 def write_next_states(ctx: StageContext, stage_name: str) -> dict:
     """(In a step, streamed.) STAGE/per_state.jsonl (each state's sampled first steps) and STAGE/next.jsonl
-    (the next states the critic values: those of actions that do not end the solution)."""
+    (the next states the critic values: those of actions that do not end the solution), one branched
+    `values` record per state (`value_data.branched_record`: their shared prefix is read once)."""
+    from stepwise.train.value_data import branched_record
+
     out, count, too_long, in_critic_tokens = ctx.dir(stage_name), 0, [], critic_tokens(ctx)
     for stale in ("next.jsonl", "kept.jsonl"):  # scores of an earlier attempt's files
         shutil.rmtree(scores_dir(out / stale), ignore_errors=True)
     with jsonl_output(out / "per_state.jsonl") as write_state, jsonl_output(out / "next.jsonl") as write_next:
         for state, actions in _actions_per_state(ctx, too_long):
             write_state({**state, "actions": actions})
+            next_states = []
             for action in actions:
                 if not action["ends"]:
                     next_ids = state["prompt_ids"] + action["action_ids"]
-                    write_next(in_critic_tokens({"ids": next_ids, "ends": [len(next_ids)], "mc": [0.0]}))
-                    count += 1
+                    next_states.append(in_critic_tokens({"ids": next_ids, "ends": [len(next_ids)], "mc": [0.0]})["ids"])
+            if next_states:
+                write_next(branched_record(next_states))
+                count += len(next_states)
     return {"next_states": count, "actions_too_long": len(too_long)}
 
 
@@ -218,7 +224,7 @@ def choose_actions(ctx: StageContext, stage_name: str, source: str) -> dict:
     """(In a step, streamed.) Values of next states (critic, or the graded reward of a final step; or the
     completions' MC estimates), advantages, the gap filter; the kept actions go to STAGE/kept.jsonl."""
     out = ctx.path(stage_name)
-    values = (row["values"][0] for row in scores_of(out / "next.jsonl"))
+    values = (value for row in scores_of(out / "next.jsonl") for value in row["values"])  # in action order
     states, kept, gap_sum = 0, 0, 0.0
     with jsonl_output(out / "kept.jsonl") as write_kept:
         for row in iter_jsonl(out / "per_state.jsonl"):
