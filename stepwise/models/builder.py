@@ -41,10 +41,16 @@ class EngineOptions:
     recompute_activations: bool = False
 
 
-def uses_te(options: EngineOptions) -> bool:
-    """Whether `options` build Transformer Engine's spec on this machine (an error for `te` without TE/CUDA)."""
+def te_in_use(transformer_impl: str) -> bool:
+    """Whether `model.transformer_impl` builds Transformer Engine's spec on this machine (an error for `te`
+    without TE/CUDA)."""
     te_importable = importlib.util.find_spec("transformer_engine") is not None
-    return resolve_transformer_impl(options.transformer_impl, te_importable, torch.cuda.is_available()) == "te"
+    return resolve_transformer_impl(transformer_impl, te_importable, torch.cuda.is_available()) == "te"
+
+
+def uses_te(options: EngineOptions) -> bool:
+    """Whether `options` build Transformer Engine's spec on this machine."""
+    return te_in_use(options.transformer_impl)
 
 
 def padded_vocab_size(vocab_size: int, options: EngineOptions) -> int:

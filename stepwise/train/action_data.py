@@ -174,4 +174,4 @@ def build_batches(records: list[dict], tokenizer, config, train, source: str = "
     """The worker's entry point for data kind `action`."""
     sequences = tokenize_actions(records, tokenizer, config.model.max_seq_len, source, where=where, screen=screen)
     return ActionBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size,
-                         mask_packing(train.pack_prefixes))
+                         mask_packing(train.pack_prefixes, config.model.transformer_impl))

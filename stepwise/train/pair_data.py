@@ -103,4 +103,4 @@ def build_batches(records: list[dict], tokenizer, config, train, source: str = "
     """The worker's entry point for data kind `pair` (strict: every bad record is an error, `where` / `screen` unused)."""
     pairs = tokenize_pairs(records, tokenizer, config.model.max_seq_len, source)
     return PairBatches(pairs, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size,
-                       mask_packing(train.pack_sequences))
+                       mask_packing(train.pack_sequences, config.model.transformer_impl))

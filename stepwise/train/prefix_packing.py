@@ -146,12 +146,12 @@ def item_of(sequence: dict) -> tuple[list[int], list[int]]:
     return ids[:prefix], ids[prefix:]
 
 
-def mask_packing(enabled: bool) -> bool:
-    """Whether packing configured `enabled` applies: only where the core attention takes an arbitrary
-    mask (the SDPA path, not Transformer Engine's)."""
-    from stepwise.models.builder import te_available
+def mask_packing(enabled: bool, transformer_impl: str) -> bool:
+    """Whether packing configured `enabled` applies to a model of `model.transformer_impl`: only where the
+    core attention takes an arbitrary mask (the SDPA path of the local spec, not Transformer Engine's)."""
+    from stepwise.models.builder import te_in_use
 
-    return enabled and not te_available()
+    return enabled and not te_in_use(transformer_impl)
 
 
 class RowPacker:

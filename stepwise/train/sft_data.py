@@ -77,4 +77,4 @@ def build_batches(records: list[dict], tokenizer, config, train, source: str = "
     """The worker's entry point for data kind `sft`."""
     sequences = tokenize_sft(records, tokenizer, config.model.max_seq_len, source, where=where, screen=screen)
     return SFTBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size,
-                      mask_packing(train.pack_sequences))
+                      mask_packing(train.pack_sequences, config.model.transformer_impl))

@@ -85,3 +85,41 @@ def test_a_pair_too_long_for_one_row_leaves_its_global_batch_unpacked():
     micro = batches.micro_batches([0, 1], 0, 1)
     assert "attention_mask" not in micro[0] and micro[0]["input_ids"].shape[0] == 4
     assert "attention_mask" in batches.micro_batches([3, 4], 0, 1)[0]
+
+
+@pytest.mark.parametrize("kind, section, record", [
+    ("sft", "sft", {"prompt": "Q: 1+2\n", "response": "A: 3"}),
+    ("pair", "dpo", {"prompt": "Q: 1+2\n", "chosen": "A: 3", "rejected": "A: 4", "ref_chosen_logp": -1.0,
+                     "ref_rejected_logp": -2.0}),
+    ("action", "policy", {"state_id": "s", "prompt_ids": [3, 4, 5], "action_ids": [6, 1], "advantage": 0.5,
+                          "ref_logp": -1.0}),
+])
+def test_the_workers_entry_point_packs_by_default_on_this_machine_and_not_when_switched_off(kind, section, record):
+    """What the pipeline calls (worker.build_batches with the recipe): packing follows the train section's
+    switch and model.transformer_impl (the local spec here: no Transformer Engine)."""
+    from stepwise.config.schema import RecipeConfig
+    from stepwise.train.worker import build_batches
+
+    config = RecipeConfig()
+    train = getattr(config, section)
+    tokenizer = _CharTokenizer()
+    assert build_batches(kind, [record] * 4, tokenizer, config, train, "records").pack
+    for key in ("pack_prefixes", "pack_sequences"):
+        setattr(train, key, False)
+    assert not build_batches(kind, [record] * 4, tokenizer, config, train, "records").pack
+    config.model.transformer_impl = "te"  # asked for Transformer Engine where there is none: a clear error
+    for key in ("pack_prefixes", "pack_sequences"):
+        setattr(train, key, True)
+    with pytest.raises(ValueError, match="transformer_impl=te needs Transformer Engine"):
+        build_batches(kind, [record] * 4, tokenizer, config, train, "records")
+
+
+class _CharTokenizer:
+    """One id per character (3 + code % 50), eos 1, pad 0: enough for the builders."""
+
+    eos_token_id, pad_token_id = 1, 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        if isinstance(texts, str):
+            return {"input_ids": [3 + ord(c) % 50 for c in texts]}
+        return {"input_ids": [[3 + ord(c) % 50 for c in text] for text in texts]}
