@@ -63,7 +63,10 @@ def write_problems(ctx: StageContext) -> dict:
     config = arith_config(ctx)
     train = make_problems(config, task.n_train, "train")
     # validation: the held-out problems drawn after the test ones (the test list does not change with it)
-    held_out = make_problems(config, task.n_test + task.n_validation, "test")
+    try:
+        held_out = make_problems(config, task.n_test + task.n_validation, "test")
+    except ValueError as error:
+        raise ValueError(f"task.n_test={task.n_test} + task.n_validation={task.n_validation}: {error}") from None
     test = held_out[: task.n_test]
     validation = [{**r, "id": f"arith-validation-{k}"} for k, r in enumerate(held_out[task.n_test:])]
     out = ctx.dir("data")
