@@ -125,8 +125,10 @@ class TrainConfig:
     tensorboard: bool = False  # TensorBoard event files beside metrics.jsonl (needs the tensorboard package)
     pack_prefixes: bool = True  # `action` batches: each state's prefix once, its actions after it, rows filled to
     # model.max_seq_len tokens (exact; ignored under Transformer Engine, whose attention here takes no arbitrary mask)
-    pack_sequences: bool = True  # `sft` and `pair` batches: several samples per row of model.max_seq_len tokens,
-    # block-diagonal attention, positions restarting per sample (exact; ignored under Transformer Engine as above)
+    pack_sequences: bool = False  # `sft` and `pair` batches: several samples per row of model.max_seq_len tokens,
+    # block-diagonal attention, positions restarting per sample (exact; ignored under Transformer Engine as above).
+    # Off by default: one packed row per micro-batch made the embedded task's SFT 3x slower on CPU (dqo_smoke's
+    # sft stage 183 s packed vs 62 s, 2026-12-01); turn it on where padding dominates (long, uneven samples).
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: Optional[ParallelConfig] = None  # this section's own layout (a 7B critic beside a 72B policy); None: the recipe's
 
