@@ -24,12 +24,17 @@ def held_out(problem_id: str, fraction: float) -> bool:
     return int(hashlib.sha1(problem_id.encode()).hexdigest()[:8], 16) / 16**8 < fraction
 
 
-def _critic_records(ctx: StageContext, holdout: bool) -> list[dict]:
+def _critic_records(ctx: StageContext) -> dict[str, list[dict]]:
+    """The critic's `values` records of the segmented solutions, by split ("train", "held_out"): one read
+    of the files and one critic-tokenizer setup for both."""
     mc = {row["state_id"]: row["mc"] for row in read_jsonl(ctx.path("complete") / "mc.jsonl")}
     fraction, in_critic_tokens = ctx.config.skywork_dapo.critic_holdout, critic_tokens(ctx)
-    return [in_critic_tokens(value_record(s["prompt_ids"], s["response_ids"], s["step_ends"], [mc[i] for i in s["state_ids"]]))
-            for s in read_jsonl(ctx.path("segment") / "solutions.jsonl")
-            if held_out(s["id"], fraction) == holdout and s["state_ids"]]
+    splits: dict[str, list[dict]] = {"train": [], "held_out": []}
+    for s in iter_jsonl(ctx.path("segment") / "solutions.jsonl"):
+        if s["state_ids"]:
+            record = value_record(s["prompt_ids"], s["response_ids"], s["step_ends"], [mc[i] for i in s["state_ids"]])
+            splits["held_out" if held_out(s["id"], fraction) else "train"].append(in_critic_tokens(record))
+    return splits
 
 
 def critic_tokens(ctx: StageContext):
@@ -101,8 +106,7 @@ def critic(ctx: StageContext) -> dict:
 def write_critic_splits(ctx: StageContext) -> dict:
     """(In a step.) critic/train.jsonl (the critic's training states) and critic/held_out.jsonl; their sizes."""
     counts = {}
-    for split, holdout in (("train", False), ("held_out", True)):
-        records = _critic_records(ctx, holdout)
+    for split, records in _critic_records(ctx).items():
         write_jsonl(ctx.dir("critic") / f"{split}.jsonl", records)
         counts[split] = len(records)
     return counts
@@ -132,8 +136,8 @@ def _actions_per_state(ctx: StageContext, too_long: list[str]):
     for sid, group in itertools.groupby(completions, key=itemgetter("state_id")):
         actions, state = [], None
         for record in group:
-            state = record
-            ends = step_ends(text_ids(record), tokenizer, separator)
+            state, response_ids = record, text_ids(record)
+            ends = step_ends(response_ids, tokenizer, separator)
             if not ends:
                 continue
             last = len(ends) == 1
@@ -141,7 +145,7 @@ def _actions_per_state(ctx: StageContext, too_long: list[str]):
             if len(record["prompt_ids"]) + len(action_ids) > ctx.config.model.max_seq_len:
                 too_long.append(sid)  # neither the critic nor the policy could read this next state
                 continue
-            actions.append({"step": decode_ids(tokenizer, text_ids(record)[:ends[0]]), "ends": last,
+            actions.append({"step": decode_ids(tokenizer, response_ids[:ends[0]]), "ends": last,
                             "action_ids": action_ids, "correct": record["correct"]})
         if actions:
             yield {"state_id": sid, "prompt": state["prompt"], "prompt_ids": state["prompt_ids"]}, actions
