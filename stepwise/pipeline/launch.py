@@ -65,13 +65,19 @@ def srun_rendezvous() -> dict[str, str]:
     return {"MASTER_ADDR": address, "MASTER_PORT": str(free_port())}
 
 
+def worker_threads(nproc_per_node: int) -> int:
+    """Threads per worker process: $OMP_NUM_THREADS when set, else this node's cores shared evenly."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, (os.cpu_count() or 1) // nproc_per_node)
+
+
 def worker_env(parallel: ParallelConfig) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items()
            if name not in RENDEZVOUS_VARIABLES and not name.startswith("TORCHELASTIC_")}
     if parallel.launcher == "srun":
         env.update(srun_rendezvous())
-    cores = os.cpu_count() or 1
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // parallel.nproc_per_node)))
+    env["OMP_NUM_THREADS"] = str(worker_threads(parallel.nproc_per_node))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")

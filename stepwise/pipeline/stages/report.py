@@ -5,6 +5,7 @@ import json
 
 from stepwise.data.jsonl import atomic_write_json, atomic_write_text
 from stepwise.pipeline.context import StageContext
+from stepwise.pipeline.machine import machine_facts, machine_lines
 from stepwise.pipeline.plots import Plots, write_plots
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.dqo_train import table_lines as dqo_table_lines
@@ -42,6 +43,7 @@ def _markdown(ctx: StageContext, report: dict, plots: Plots) -> str:
     for name, seconds in report["seconds"].items():
         rate = tokens_per_second(name, report["stages"], seconds)
         lines.append(f"| {name} | {seconds:.1f} | {'-' if rate is None else f'{rate:,.0f}'} |")
+    lines += ["", *machine_lines(report["machine"])]
     return "\n".join(lines) + "\n"
 
 
@@ -97,7 +99,8 @@ def write_report(ctx: StageContext) -> dict:
         found = manifest.read(ctx.at(iteration).path(name), ctx.run_dir) or {}
         stages[label(name, iteration)] = found.get("summary", {})
         seconds[label(name, iteration)] = found.get("seconds", 0.0)
-    report = {"run": ctx.config.run.name, "run_dir": str(ctx.run_dir), "stages": stages, "seconds": seconds}
+    report = {"run": ctx.config.run.name, "run_dir": str(ctx.run_dir), "stages": stages, "seconds": seconds,
+              "machine": machine_facts(ctx.config.parallel.nproc_per_node)}
     atomic_write_json(ctx.run_dir / "report.json", json.loads(json.dumps(report, default=str)))
     plots = write_plots(ctx.run_dir, report["stages"], accuracy_rows(report), ctx.config.task.name)
     atomic_write_text(ctx.run_dir / "report.md", _markdown(ctx, report, plots))
