@@ -124,7 +124,8 @@ class TrainConfig:
     score_micro_batch_size: Optional[int] = None  # forward-only scoring with this section's model; None: micro_batch_size
     tensorboard: bool = False  # TensorBoard event files beside metrics.jsonl (needs the tensorboard package)
     pack_prefixes: bool = True  # `action` batches: each state's prefix once, its actions after it, rows filled to
-    # model.max_seq_len tokens (exact; ignored under Transformer Engine, whose attention here takes no arbitrary mask)
+    # model.max_seq_len tokens; in the critic section, the advantage stage's next states of a state as one branched
+    # record (exact; ignored under Transformer Engine, whose attention here takes no arbitrary mask)
     pack_sequences: bool = False  # `sft` and `pair` batches: several samples per row of model.max_seq_len tokens,
     # block-diagonal attention, positions restarting per sample (exact; ignored under Transformer Engine as above).
     # Off by default: one packed row per micro-batch made the embedded task's SFT 3x slower on CPU (dqo_smoke's

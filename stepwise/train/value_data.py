@@ -104,6 +104,11 @@ def tokenize_states(records: list[dict], tokenizer, max_seq_len: int, separator:
     return out
 
 
+def state_record(ids: list[int]) -> dict:
+    """A solution-form record of one state (token ids), to be scored at its last token."""
+    return {"ids": ids, "ends": [len(ids)], "mc": [0.0]}
+
+
 def branched_record(sequences: list[list[int]]) -> dict:
     """A branched record of `sequences` (token ids, each non-empty), to be scored at their last tokens:
     their longest common prefix (leaving each branch a token) as `ids`, the rest of each as a branch."""
@@ -172,6 +177,13 @@ class ValueBatches(SequenceBatches):
 def build_batches(records: list[dict], tokenizer, config, train, source: str = "data", *, where=None,
                   screen=None) -> ValueBatches:
     """The worker's entry point for data kind `values`."""
+    from stepwise.train.prefix_packing import mask_packing
+
     sequences = tokenize_states(records, tokenizer, config.model.max_seq_len, config.skywork_dapo.separator,
                                 source=source, where=where, screen=screen)
-    return ValueBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
+    batches = ValueBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
+    if batches.branched and not mask_packing(True, config.model.transformer_impl):
+        raise DataError(f"{source}: branched records (key 'branches') need an attention that takes an arbitrary "
+                        f"mask, and Transformer Engine is in use (model.transformer_impl="
+                        f"{config.model.transformer_impl}): write one record per state (critic.pack_prefixes=false)")
+    return batches

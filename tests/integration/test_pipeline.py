@@ -3,7 +3,9 @@ skips every finished stage."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,9 @@ import pytest
 
 from stepwise.checkpoint import layout as ckpt_layout
 from stepwise.config import load_recipe
+from stepwise.data.jsonl import read_jsonl
+from stepwise.pipeline.stages.scoring import scores_of
+from tests.tolerance import output_bound, within
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,6 +81,42 @@ def test_smoke_recipe_runs_every_stage_and_skips_them_on_rerun(tmp_path):
     assert json.loads((run_dir / "critic" / "checkpoints" / "hf" / "config.json").read_text())["hidden_size"] == 64
     second = stepwise("run", "recipes/tiny/smoke.yaml", *overrides)
     assert second.stdout.count("up to date, skipped") == len(demo_stages) + 9
+    advantage_is_the_same_without_packing(run_dir, overrides, demo_stages, critic_hf)
+
+
+def _logit(value: float) -> float:
+    return math.log(value / (1 - value))
+
+
+def advantage_is_the_same_without_packing(run_dir: Path, overrides: tuple, stages: list[str], critic_hf: Path) -> None:
+    """The advantage stage of a copy of the run, its next states one record each (not one branched record
+    per state) and pi_ref's log-probs one row per action (not prefix-packed): the same actions, values,
+    advantages and log-probs within the fp32 reordering bound (tests/tolerance.py) of each model."""
+    flat_dir = run_dir.parent / "unpacked"
+    shutil.copytree(run_dir, flat_dir)
+    upto = stages[: stages.index("advantage") + 1]
+    stepwise("run", "recipes/tiny/smoke.yaml", *overrides[1:], f"run.dir={flat_dir}", "skywork_dapo.iterations=1",
+             "critic.pack_prefixes=false", "policy.pack_prefixes=false", f"run.stages=[{','.join(upto)}]")
+    assert all("branches" in r for r in read_jsonl(run_dir / "advantage" / "next.jsonl"))
+    assert not any("branches" in r for r in read_jsonl(flat_dir / "advantage" / "next.jsonl"))
+    packed, flat = (read_jsonl(d / "advantage" / "actions.jsonl") for d in (run_dir, flat_dir))
+    assert [(a["state_id"], a["action_ids"]) for a in packed] == [(a["state_id"], a["action_ids"]) for a in flat]
+    assert len(packed) > 0
+    recipe = load_recipe(REPO / "recipes/tiny/smoke.yaml")
+    policy_config, seq = recipe.model.hf_config, recipe.model.max_seq_len
+    critic_config = json.loads((critic_hf / "config.json").read_text())
+    packed_values, flat_values = ([v for row in scores_of(d / "advantage" / "next.jsonl") for v in row["values"]]
+                                  for d in (run_dir, flat_dir))
+    assert len(packed_values) == len(flat_values) > 0, "no next state was valued by the critic"
+    values = list(zip(packed_values, flat_values))
+    logit_scale = max(abs(_logit(v)) for pair in values for v in pair)
+    value_bound = output_bound(logit_scale, critic_config, seq) / 4  # sigmoid' <= 1/4
+    within("next-state value unpacked vs packed", max(abs(a - b) for a, b in values), value_bound)
+    within("advantage unpacked vs packed", max(abs(a["advantage"] - b["advantage"]) for a, b in zip(packed, flat)),
+           2 * value_bound)  # V(s') minus the mean of the state's V(s')
+    logp_scale = max(abs(a["ref_logp"]) for a in packed)
+    within("pi_ref log-prob unpacked vs packed", max(abs(a["ref_logp"] - b["ref_logp"]) for a, b in zip(packed, flat)),
+           output_bound(logp_scale, policy_config, seq))
 
 
 def test_bad_override_fails_before_any_work(tmp_path):

@@ -193,10 +193,13 @@ def advantage_data(ctx: StageContext, stage_name: str, source: str) -> dict:
 def write_next_states(ctx: StageContext, stage_name: str) -> dict:
     """(In a step, streamed.) STAGE/per_state.jsonl (each state's sampled first steps) and STAGE/next.jsonl
     (the next states the critic values: those of actions that do not end the solution), one branched
-    `values` record per state (`value_data.branched_record`: their shared prefix is read once)."""
-    from stepwise.train.value_data import branched_record
+    `values` record per state (`value_data.branched_record`: their shared prefix is read once) with
+    `critic.pack_prefixes` where the attention takes a mask, else one record per next state."""
+    from stepwise.train.prefix_packing import mask_packing
+    from stepwise.train.value_data import branched_record, state_record
 
     out, count, too_long, in_critic_tokens = ctx.dir(stage_name), 0, [], critic_tokens(ctx)
+    branched = mask_packing(ctx.config.critic.pack_prefixes, ctx.config.model.transformer_impl)
     for stale in ("next.jsonl", "kept.jsonl"):  # scores of an earlier attempt's files
         shutil.rmtree(scores_dir(out / stale), ignore_errors=True)
     with jsonl_output(out / "per_state.jsonl") as write_state, jsonl_output(out / "next.jsonl") as write_next:
@@ -206,10 +209,12 @@ def write_next_states(ctx: StageContext, stage_name: str) -> dict:
             for action in actions:
                 if not action["ends"]:
                     next_ids = state["prompt_ids"] + action["action_ids"]
-                    next_states.append(in_critic_tokens({"ids": next_ids, "ends": [len(next_ids)], "mc": [0.0]})["ids"])
-            if next_states:
+                    next_states.append(in_critic_tokens(state_record(next_ids))["ids"])
+            if next_states and branched:
                 write_next(branched_record(next_states))
-                count += len(next_states)
+            for ids in [] if branched else next_states:
+                write_next(state_record(ids))
+            count += len(next_states)
     return {"next_states": count, "actions_too_long": len(too_long)}
 
 
