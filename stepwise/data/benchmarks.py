@@ -18,6 +18,8 @@ copy of MATH whose problem text sits under "question". Public layouts (the defau
   the function the first `assert` of test_list calls; MBPP+'s `test` code replaces the asserts
 - livecodebench: question_id, question_content, public_test_cases (stdin tests only)
 - taco: name, question, input_output (stdin tests only)
+- arith (the embedded task: a run's data/test.jsonl or data/validation.jsonl): problem, answer, id; the raw
+  problem text is the prompt, as the pipeline's own evaluation gives it
 
 Every error names the file, the line (or parquet row) and the key.
 """
@@ -104,8 +106,14 @@ def _stdin(values: dict) -> tuple[str, Any]:
     return f"{values['problem']}\n\n{STDIN_NOTE}", spec
 
 
+def _as_is(values: dict) -> tuple[str, Any]:
+    return values["problem"], values["answer"]
+
+
 _MATH_TYPES = {"problem": str, "answer": str}
 FORMATS: dict[str, BenchmarkFormat] = {
+    "arith": BenchmarkFormat("Arithmetic", "arith", {"problem": "problem", "answer": "answer", "id": "id"},
+                             _MATH_TYPES, _as_is),
     "math": BenchmarkFormat("MATH", "math", {"problem": "problem", "answer": "solution", "id": "unique_id"},
                             _MATH_TYPES, _boxed),
     "math500": BenchmarkFormat("MATH500", "math", {"problem": "problem", "answer": "answer", "id": "unique_id"},

@@ -56,9 +56,10 @@ def model_labels(model_dirs: Sequence[str | Path]) -> list[str]:
 def extracted_answer(task: str, response: str) -> str | None:
     """What the grader of `task` reads from `response`: the last \\boxed{}, the number after ####, the program."""
     from stepwise.tasks.answers import gsm8k_answer, last_boxed
+    from stepwise.tasks.arith import extract_answer
     from stepwise.tasks.code import extract_program
 
-    return {"math": last_boxed, "gsm8k": gsm8k_answer, "code": extract_program}[task](response)
+    return {"math": last_boxed, "gsm8k": gsm8k_answer, "code": extract_program, "arith": extract_answer}[task](response)
 
 
 def eval_context(out: Path, settings: BenchmarkEvalConfig) -> StageContext:

@@ -30,6 +30,22 @@ def test_math_benchmarks_load_their_public_layouts(name, ids, answers):
     assert {r["task"] for r in records} == {"math"} and all(r["problem"] for r in records)
 
 
+def test_the_embedded_task_reads_a_runs_test_file_with_its_raw_prompt_and_final_line_grader(tmp_path):
+    from stepwise.evaluate.run import extracted_answer
+    from stepwise.tasks.arith import ArithConfig, make_problems
+    from stepwise.tasks.prompts import render_prompt
+
+    problems = make_problems(ArithConfig(), 3, "test")
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    records = load_benchmark("arith", tmp_path / "test.jsonl")
+    assert [(r["id"], r["problem"], r["answer"], r["task"]) for r in records] == [
+        (p["id"], p["problem"], p["answer"], "arith") for p in problems]
+    assert render_prompt(records[0]["problem"], "arith") == problems[0]["problem"]  # as the pipeline prompts
+    right, wrong = problems[0]["solution"], problems[0]["solution"][:-1] + "x"
+    assert extracted_answer("arith", right) == problems[0]["answer"] and grade("arith", right, records[0]["answer"])
+    assert not grade("arith", wrong, records[0]["answer"])
+
+
 def test_gsm8k_keeps_the_full_solution_as_reference_and_grades_by_its_number():
     records = load_benchmark("gsm8k", BENCH / "gsm8k.jsonl")
     assert [r["task"] for r in records] == ["gsm8k", "gsm8k"]
@@ -79,7 +95,7 @@ def test_field_overrides_read_renamed_keys(tmp_path):
 
 
 def test_bad_benchmark_arguments_are_named():
-    with pytest.raises(ValueError, match="unknown benchmark; known: college_math"):
+    with pytest.raises(ValueError, match="unknown benchmark; known: arith, college_math"):
         parse_benchmarks(["mathh=x.jsonl"], [])
     with pytest.raises(ValueError, match="benchmark 'math' has no field role 'question'"):
         parse_benchmarks(["math=x.jsonl"], ["math.question=q"])
