@@ -52,8 +52,7 @@ def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device, c
     length and size: at PP > 1 the stages exchange each activation's shape (megatron's
     variable_seq_lengths), so none is padded to another's length."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.utils import get_model_config
-
+    from stepwise.train.engine import variable_shapes
     from stepwise.train.logprobs import token_logprobs
 
     if count is None:
@@ -82,16 +81,10 @@ def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device, c
 
         return output, collect
 
-    config = get_model_config(engine_model)
-    variable = config.variable_seq_lengths
-    config.variable_seq_lengths = True  # p2p shapes per micro-batch (no effect at PP 1)
-    try:
-        with torch.no_grad():
-            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches),
-                                        model=[engine_model], num_microbatches=count, seq_length=seq_length,
-                                        micro_batch_size=1, forward_only=True)
-    finally:
-        config.variable_seq_lengths = variable
+    with variable_shapes(engine_model), torch.no_grad():  # p2p shapes per micro-batch
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches),
+                                    model=[engine_model], num_microbatches=count, seq_length=seq_length,
+                                    micro_batch_size=1, forward_only=True)
     return results
 
 
