@@ -216,13 +216,13 @@ def rank_rows(rows: list[list[Block]], dp_rank: int, dp_size: int, pad_id: int, 
 
 def stack_rows(collated: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Collated rows of one length S as one micro-batch of R rows: input_ids, labels, position_ids
-    [R, S], attention_mask [R, 1, S, S], `items` in row order, and `loss_mask` [segments, R x S] with
-    each row's segments over that row's columns of the rows laid end to end (one row: as it was)."""
-    if len(collated) == 1:
-        return collated[0]
+    [R, S], attention_mask [R, 1, S, S], `items` ascending, and `loss_mask` [segments, R x S], row k
+    the targets of item items[k] over its row's columns of the rows laid end to end (one row: [segments, S])."""
     stacked = {key: torch.cat([row[key] for row in collated]) for key in ("input_ids", "labels", "position_ids",
                                                                            "attention_mask", "items")}
     stacked["loss_mask"] = torch.block_diag(*[row["loss_mask"] for row in collated])
+    order = stacked["items"].argsort()  # segments in item order (a record's place among the micro-batch's)
+    stacked["items"], stacked["loss_mask"] = stacked["items"][order], stacked["loss_mask"][order]
     return stacked
 
 
@@ -230,6 +230,17 @@ def read_positions(loss_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     """[R, S] where a loss reads log-probs: `loss_mask` > 0, any of a packed micro-batch's segment rows."""
     read = loss_mask > 0
     return read if read.shape == labels.shape else read.any(dim=0).reshape(labels.shape)
+
+
+def segment_values(loss_mask: torch.Tensor, values: list[list[float]]) -> torch.Tensor:
+    """Per-target numbers laid out as `loss_mask` [segments, W]: row k holds `values[k]` at row k's targets."""
+    out = torch.zeros(loss_mask.shape, dtype=torch.float32)
+    for k, numbers in enumerate(values):
+        targets = loss_mask[k] > 0
+        if int(targets.sum()) != len(numbers):
+            raise ValueError(f"segment {k}: {len(numbers)} numbers for {int(targets.sum())} targets")
+        out[k, targets] = torch.tensor(numbers, dtype=torch.float32)
+    return out
 
 
 def flat_rows(tensor: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

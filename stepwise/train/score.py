@@ -39,9 +39,13 @@ def as_trajectories(records: list[dict], tokenizer) -> list[dict]:
 
 
 def response_token_values(values: torch.Tensor, loss_mask: torch.Tensor) -> list[list[float]]:
-    """Per row, the entries of [B, S] `values` at the response positions (position t: token t+1)."""
+    """Per row of `loss_mask`, the entries of [B, S] `values` at its response positions (position t:
+    token t+1); packed rows: one `loss_mask` row per record over the rows laid end to end."""
+    from stepwise.train.prefix_packing import flat_rows
+
     mask = loss_mask.bool()
-    return [values[row][mask[row]].tolist() for row in range(values.shape[0])]
+    values = flat_rows(values, loss_mask).expand(mask.shape)
+    return [values[row][mask[row]].tolist() for row in range(mask.shape[0])]
 
 
 def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device, count: int | None = None,
