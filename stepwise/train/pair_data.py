@@ -22,7 +22,7 @@ import torch
 
 from stepwise.data.jsonl import _check_field
 from stepwise.train.batches import LENGTH_MULTIPLE, DataOrder, collate_sft, dp_slice, pad_length, split_micro_batches
-from stepwise.train.prefix_packing import RowPacker, item_of, mask_packing, rank_rows, row_length
+from stepwise.train.prefix_packing import RowPacker, builder_micro_batches, item_of, mask_packing, row_length
 from stepwise.train.sft_data import tokenize_sft
 
 SIDES = ("chosen", "rejected")
@@ -80,8 +80,7 @@ class PairBatches:
         normalizer = torch.tensor(float(max(1, len(indices))))
         rows = self.packed_rows(indices) if self.pack else None
         if rows is not None:
-            micro = rank_rows(rows, dp_rank, dp_size, self.pad_id, self.max_seq_len, self.length_multiple,
-                              self.micro_batch_size)
+            micro = builder_micro_batches(self, rows, dp_rank, dp_size)
             for batch in micro:
                 items = batch.pop("items").tolist()  # 2i + side of pair indices[i]
                 batch["ref_logp"] = torch.tensor([self.pairs[indices[k // 2]]["ref_logp"][k % 2] for k in items],

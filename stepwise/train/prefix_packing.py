@@ -145,8 +145,8 @@ def collate_row(row: list[Block], length: int, pad_id: int) -> dict[str, torch.T
 def blocked_mask(block_of: torch.Tensor, segment_of_token: torch.Tensor) -> torch.Tensor:
     """[1, 1, S, S] boolean, True where query q may not see key k: allowed when k <= q, both in one
     block, and k is shared (segment 0) or in q's segment."""
-    size = block_of.shape[0]
-    causal = torch.ones((size, size), dtype=torch.bool).tril()
+    position = torch.arange(block_of.shape[0])
+    causal = position[None, :] <= position[:, None]
     same_block = block_of[:, None] == block_of[None, :]
     visible = (segment_of_token[None, :] == 0) | (segment_of_token[:, None] == segment_of_token[None, :])
     return ~(causal & same_block & visible)[None, None]
@@ -212,6 +212,13 @@ def rank_rows(rows: list[list[Block]], dp_rank: int, dp_size: int, pad_id: int, 
     collated = [collate_row(row, length, pad_id) for row in mine]
     return [stack_rows(collated[start : start + rows_per_micro_batch])
             for start in range(0, len(collated), rows_per_micro_batch)]
+
+
+def builder_micro_batches(builder, rows: list[list[Block]], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
+    """`rank_rows` of a sample-packing batch builder (its pad id, length cap and multiple), stacking up to
+    its `micro_batch_size` rows to a micro-batch."""
+    return rank_rows(rows, dp_rank, dp_size, builder.pad_id, builder.max_seq_len, builder.length_multiple,
+                     builder.micro_batch_size)
 
 
 def stack_rows(collated: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 
 from stepwise.data.records import RecordScreen, token_form, token_ids
 from stepwise.train.batches import SequenceBatches, collate_sft, split_micro_batches, too_long
-from stepwise.train.prefix_packing import RowPacker, item_of, mask_packing, rank_rows, row_length
+from stepwise.train.prefix_packing import RowPacker, builder_micro_batches, item_of, mask_packing, row_length
 
 
 def tokenize_sft(records: list[dict], tokenizer, max_seq_len: int, source: str = "data", *,
@@ -65,8 +65,7 @@ class SFTBatches(SequenceBatches):
         normalizer = torch.tensor(max(float(sum(sum(s["mask"][1:]) for s in chosen)), 1.0))
         rows = self.packed_rows(indices) if self.pack else None
         if rows is not None:
-            micro = rank_rows(rows, dp_rank, dp_size, self.pad_id, self.max_seq_len, self.length_multiple,
-                              self.micro_batch_size)
+            micro = builder_micro_batches(self, rows, dp_rank, dp_size)
             for batch in micro:
                 batch.pop("items")
                 batch["normalizer"] = normalizer

@@ -27,7 +27,7 @@ import torch
 from stepwise.data.jsonl import DataError, _check_field
 from stepwise.data.records import token_ids
 from stepwise.train.batches import collate_sft, split_micro_batches
-from stepwise.train.prefix_packing import mask_packing, rank_rows, segment_values
+from stepwise.train.prefix_packing import builder_micro_batches, mask_packing, segment_values
 from stepwise.train.sft_data import SFTBatches
 
 TOKEN_KEYS = ("behaviour_logp", "ref_logp", "rewards")
@@ -91,8 +91,7 @@ class TrajectoryBatches(SFTBatches):
         normalizer = torch.tensor(float(max(1, len(indices))))
         rows = self.packed_rows(indices) if self.pack else None
         if rows is not None:
-            micro = rank_rows(rows, dp_rank, dp_size, self.pad_id, self.max_seq_len, self.length_multiple,
-                              self.micro_batch_size)
+            micro = builder_micro_batches(self, rows, dp_rank, dp_size)
             for batch in micro:
                 records = [self.sequences[indices[k]] for k in batch.pop("items").tolist()]
                 for key in TOKEN_KEYS:

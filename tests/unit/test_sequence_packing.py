@@ -111,6 +111,9 @@ def test_a_pair_too_long_for_one_row_leaves_its_global_batch_unpacked():
                      "ref_rejected_logp": -2.0}),
     ("action", "policy", {"state_id": "s", "prompt_ids": [3, 4, 5], "action_ids": [6, 1], "advantage": 0.5,
                           "ref_logp": -1.0}),
+    ("labelled", "kto", {"prompt": "Q: 1+2\n", "response": "A: 3", "desirable": True, "ref_logp": -1.0}),
+    ("trajectory", "dqo", {"prompt": "Q: 1+2\n", "response": "A: 3", "reward": 1.0, "behaviour_logp": [-1.0] * 5,
+                           "ref_logp": [-1.0] * 5}),
 ])
 def test_the_workers_entry_point_packs_when_switched_on_here_and_not_when_off(kind, section, record):
     """What the pipeline calls (worker.build_batches with the recipe): packing follows the train section's
