@@ -171,8 +171,9 @@ class RowPacker:
     """`pack_rows` of a global batch, kept for the last one asked (`tokens` and `micro_batches` ask for
     the same global batch in turn); None when a group does not fit the budget (the caller then
     collates that global batch unpacked, as exact). With `fit_longest` the budget is the longest
-    group's length alone, rounded up to `multiple` (at most `budget`), and rows are filled first-fit:
-    never more rows, nor longer ones, than the batch unpacked."""
+    group's length alone, rounded up to `multiple` (at most `budget`), and rows are filled first-fit
+    (single samples: never more rows, nor longer ones, than the batch unpacked; a row of pairs may be
+    longer than the pairs' unpacked rows, at least two of which it replaces)."""
 
     def __init__(self, budget: int, fit_longest: bool = False):
         self.budget = budget
