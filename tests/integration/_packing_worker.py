@@ -1,7 +1,8 @@
 """Worker: gradients of one fixed global batch, packed and unpacked, on one model at TP x PP, for a
 CASE: `skywork_dapo` (state-wise `action` batch, shared-prefix packed; also the `policy` scores, summed
 action log-probs as the advantage stage stores them), `sft`, `dpo`, or `dqo` / `dro` (sequence-packed
-`sft` / `pair` / `trajectory` batches; dqo and dro on a policy with a value head), or `kto` (`labelled`
+`sft` / `pair` / `trajectory` batches; dqo and dro on a policy with a value head, `dqo+network` with a
+separate value network), or `kto` (`labelled`
 batches packed per micro-batch, KL groups of 2). Saves from rank 0 {"gradient": (observed max |diff|, max |grad|), "score": (max |diff|,
 max |score|) or None, "tokens": (packed, unpacked: `batches.tokens`), "computed": (packed, unpacked:
 input positions of every DP rank's micro-batches, padding included), "rows": (packed, unpacked
@@ -25,7 +26,7 @@ from stepwise.train.pair_data import PairBatches
 from stepwise.train.sft_data import SFTBatches
 from stepwise.train.score import _score_batches
 from stepwise.train.trajectory_data import TrajectoryBatches
-from tests.integration._grad_worker import TINY, engine_for, random_sequences
+from tests.integration._grad_worker import NETWORK, TINY, engine_for, random_sequences
 
 MAX_SEQ_LEN = 32  # engine_for's ModelConfig: the packed row budget
 
@@ -82,7 +83,7 @@ def batches_of(case: str, micro_batch_size: int, pack: bool):
         return SFTBatches(random_sequences(8, 4), 0, MAX_SEQ_LEN, micro_batch_size, pack=pack)
     if case == "dpo":
         return PairBatches(pair_records(), 0, MAX_SEQ_LEN, micro_batch_size, pack=pack)
-    if case in ("dqo", "dro"):
+    if case in ("dqo", "dro", "dqo" + NETWORK):
         return TrajectoryBatches(trajectory_records(), 0, MAX_SEQ_LEN, micro_batch_size, pack=pack)
     if case == "kto":
         records = [{**r, "desirable": k % 3 != 0, "ref_logp": -30.0 + k} for k, r in enumerate(random_sequences(8, 4))]
@@ -98,7 +99,7 @@ def global_max(value: float) -> float:
 
 def main(out: str, tp: int, pp: int, case: str) -> None:
     layout = init_parallel(tp, pp, seed=7)
-    train = TrainConfig(loss=case, global_batch_size=8, micro_batch_size=2)
+    train = TrainConfig(loss=case.removesuffix(NETWORK), global_batch_size=8, micro_batch_size=2)
     plugin, engine = engine_for(case, train, ParallelConfig(tp=tp, pp=pp, nproc_per_node=layout.world_size), layout, 10)
     loss_fn = partial(plugin.compute, plugin.parse_options({"kl_group_size": 2} if case == "kto" else {}))
     grads, scores, tokens, rows, computed = {}, {}, {}, {}, {}

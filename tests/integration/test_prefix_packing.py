@@ -39,7 +39,7 @@ def test_packing_is_exact_at_tp1(tmp_path):
     _check(result, "skywork_dapo TP 1")
 
 
-@pytest.mark.parametrize("case", ["sft", "dpo", "kto", "dqo", "dro"])
+@pytest.mark.parametrize("case", ["sft", "dpo", "kto", "dqo", "dro", "dqo+network"])
 def test_sequence_packing_is_exact_at_tp1(tmp_path, case):
     run_python(WORKER, tmp_path / "tp1.pt", 1, 1, case)
     result = torch.load(tmp_path / "tp1.pt")
