@@ -14,7 +14,7 @@ import random
 import statistics
 import time
 import warnings
-from functools import partial
+from functools import cache, partial
 
 warnings.filterwarnings("ignore")
 
@@ -47,6 +47,44 @@ def epoch_tokens(batches, order) -> tuple[int, int]:
     return computed, real
 
 
+@cache
+def single_process_layout():
+    """TP 1, PP 1 in this process (initialised once, however many engines are built)."""
+    from stepwise.parallel.runtime import init_parallel
+
+    return init_parallel(1, 1, seed=0)
+
+
+def alternating_step_seconds(args, loss: str, forms: dict) -> dict[str, list[float]]:
+    """Seconds of `args.rounds` optimizer steps of `loss` per form of `forms` (name -> batch builder) on a
+    tiny qwen2 model (`args.vocab`, `args.hidden`, `args.layers`), the same global batch alternately in
+    each form after an untimed one in each, so both share whatever else loads the machine."""
+    from stepwise import losses
+    from stepwise.config.schema import ModelConfig, ParallelConfig, TrainConfig
+    from stepwise.models.hf_config import arch_from_hf_dict
+    from stepwise.train.engine import build_engine
+
+    layout = single_process_layout()
+    arch = arch_from_hf_dict(dict(model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
+                                  num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+                                  intermediate_size=4 * args.hidden, max_position_embeddings=args.max_seq_len))
+    train = TrainConfig(loss=loss, global_batch_size=args.global_batch, micro_batch_size=args.micro_batch)
+    engine = build_engine(arch, ModelConfig(max_seq_len=args.max_seq_len), ParallelConfig(), train, layout, 1000)
+    plugin = losses.get(loss)
+    loss_fn = partial(plugin.compute, plugin.parse_options({}))
+    order = next(iter(forms.values())).make_order(args.global_batch, seed=0)
+    steps = [order.next_global_batch() for _ in range(min(args.rounds, order.steps_per_epoch))]
+    seconds: dict[str, list[float]] = {name: [] for name in forms}
+    for batches in forms.values():  # a first step in each form, untimed (allocations, optimizer state)
+        engine.train_step(batches.micro_batches(steps[0], 0, 1), loss_fn)
+    for indices in steps:  # the same global batch, alternately in both forms
+        for name, batches in forms.items():
+            began = time.perf_counter()
+            engine.train_step(batches.micro_batches(indices, 0, 1), loss_fn)
+            seconds[name].append(time.perf_counter() - began)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in [("solutions", 6), ("steps", 12), ("actions", 16), ("prompt", 300), ("step", 60),
@@ -55,33 +93,13 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     args = parser.parse_args()
 
-    from stepwise import losses
-    from stepwise.config.schema import ModelConfig, ParallelConfig, TrainConfig
-    from stepwise.models.hf_config import arch_from_hf_dict
-    from stepwise.parallel.runtime import init_parallel
     from stepwise.train.action_data import ActionBatches
-    from stepwise.train.engine import build_engine
 
     records = synthetic_records(args)
-    layout = init_parallel(1, 1, seed=0)
-    arch = arch_from_hf_dict(dict(model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
-                                  num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-                                  intermediate_size=4 * args.hidden, max_position_embeddings=args.max_seq_len))
-    train = TrainConfig(loss="skywork_dapo", global_batch_size=args.global_batch, micro_batch_size=args.micro_batch)
-    engine = build_engine(arch, ModelConfig(max_seq_len=args.max_seq_len), ParallelConfig(), train, layout, 1000)
-    plugin = losses.get("skywork_dapo")
-    loss_fn = partial(plugin.compute, plugin.parse_options({}))
     forms = {name: ActionBatches(records, 0, args.max_seq_len, args.micro_batch, pack=name == "packed")
              for name in ("unpacked", "packed")}
     tokens = {name: epoch_tokens(b, b.make_order(args.global_batch, seed=0)) for name, b in forms.items()}
-    order = forms["packed"].make_order(args.global_batch, seed=0)
-    steps = [order.next_global_batch() for _ in range(min(args.rounds, order.steps_per_epoch))]
-    seconds: dict[str, list[float]] = {name: [] for name in forms}
-    for indices in steps:  # the same global batch, alternately in both forms
-        for name, batches in forms.items():
-            began = time.perf_counter()
-            engine.train_step(batches.micro_batches(indices, 0, 1), loss_fn)
-            seconds[name].append(time.perf_counter() - began)
+    seconds = alternating_step_seconds(args, "skywork_dapo", forms)
     for name in forms:
         print(f"{name:9s} tokens/epoch computed {tokens[name][0]:>10,} real {tokens[name][1]:>10,}  "
               f"step {statistics.mean(seconds[name]):.2f} s (steps: {', '.join(f'{s:.2f}' for s in seconds[name])})")

@@ -1,8 +1,9 @@
-"""Tokens per epoch of the `sft` and `pair` builders, sequence-packed (`train.pack_sequences`) vs one row
-per sample padded to the global batch's maximum, on synthetic samples of mixed lengths (prompts of
-`prompt` +-50% tokens, responses of 10..`response` tokens; a pair's two responses share its prompt).
-Counts only (no model): computed tokens are rows x padded length, real ones leave padding out. Ends
-with one JSON line.
+"""Tokens per epoch and step time of the `sft` and `pair` builders, sequence-packed (`train.pack_sequences`)
+vs one row per sample padded to the global batch's maximum, on synthetic samples of mixed lengths
+(prompts of `prompt` +-50% tokens, responses of 10..`response` tokens; a pair's two responses share
+its prompt). Computed tokens are rows x padded length, real ones leave padding out; step time is the
+mean of `rounds` optimizer steps (sft / dpo loss) of a tiny model, packed and unpacked alternately
+on the same global batches in one process. Ends with one JSON line.
 
     python benchmarks/sequence_packing.py [--samples 512 --prompt 200 --response 600 --max-seq-len 2048]
 """
@@ -11,8 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
+import warnings
 
-from dapo_packing import epoch_tokens
+warnings.filterwarnings("ignore")
+
+from dapo_packing import alternating_step_seconds, epoch_tokens
 
 
 def response_records(args, rng: random.Random, prompt: list[int]) -> dict:
@@ -23,7 +28,8 @@ def response_records(args, rng: random.Random, prompt: list[int]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in [("samples", 512), ("prompt", 200), ("response", 600), ("max_seq_len", 2048),
-                          ("global_batch", 32), ("micro_batch", 4)]:
+                          ("global_batch", 32), ("micro_batch", 4), ("vocab", 512), ("hidden", 128), ("layers", 2),
+                          ("rounds", 2)]:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     args = parser.parse_args()
 
@@ -37,16 +43,18 @@ def main() -> None:
     pairs = [{"chosen": response_records(args, rng, p), "rejected": response_records(args, rng, p), "ref_logp": (-1.0, -1.0)}
              for p in prompts]
     figures = {}
-    for name, make in (("sft", lambda pack: SFTBatches(sequences, 0, args.max_seq_len, args.micro_batch, pack)),
-                       ("pair", lambda pack: PairBatches(pairs, 0, args.max_seq_len, args.micro_batch, pack))):
-        tokens = {}
-        for pack in (False, True):
-            batches = make(pack)
-            tokens[pack] = epoch_tokens(batches, batches.make_order(args.global_batch, seed=0))
-            print(f"{name:4s} {'packed  ' if pack else 'unpacked'} tokens/epoch computed {tokens[pack][0]:>10,} "
-                  f"real {tokens[pack][1]:>10,}")
-        figures[f"{name}_tokens_ratio"] = round(tokens[True][0] / tokens[False][0], 4)
-        figures[f"{name}_real_tokens_ratio"] = round(tokens[True][1] / tokens[False][1], 4)
+    for name, loss, make in (("sft", "sft", lambda pack: SFTBatches(sequences, 0, args.max_seq_len, args.micro_batch, pack)),
+                             ("pair", "dpo", lambda pack: PairBatches(pairs, 0, args.max_seq_len, args.micro_batch, pack))):
+        forms = {"unpacked": make(False), "packed": make(True)}
+        tokens = {form: epoch_tokens(b, b.make_order(args.global_batch, seed=0)) for form, b in forms.items()}
+        seconds = {form: statistics.mean(s) for form, s in alternating_step_seconds(args, loss, forms).items()}
+        for form in forms:
+            print(f"{name:4s} {form:8s} tokens/epoch computed {tokens[form][0]:>10,} real {tokens[form][1]:>10,}  "
+                  f"step {seconds[form]:.2f} s")
+        figures[f"{name}_tokens_ratio"] = round(tokens["packed"][0] / tokens["unpacked"][0], 4)
+        figures[f"{name}_real_tokens_ratio"] = round(tokens["packed"][1] / tokens["unpacked"][1], 4)
+        figures[f"{name}_step_time_ratio"] = round(seconds["packed"] / seconds["unpacked"], 4)
+        figures[f"{name}_step_s"] = {form: round(seconds[form], 3) for form in forms}
     print(json.dumps(figures))
 
 

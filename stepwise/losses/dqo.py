@@ -139,7 +139,8 @@ def token_inputs(batch: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor
         if key not in outputs:
             raise ValueError(f"dqo/dro need model outputs '{key}' (model_kind 'policy_value'); got {sorted(outputs)}")
     dtype = outputs["logprobs"].dtype
-    out = {"logprobs": outputs["logprobs"], "values": outputs["values"].to(dtype)}
+    shape = batch["loss_mask"].shape  # packed rows: one row per trajectory against [1, rows x S] outputs
+    out = {"logprobs": outputs["logprobs"].expand(shape), "values": outputs["values"].to(dtype).expand(shape)}
     for key in ("loss_mask", "ref_logp", "behaviour_logp", "rewards"):
         if key not in batch:
             raise ValueError(f"dqo/dro need batch key '{key}' (data kind 'trajectory')")

@@ -10,7 +10,9 @@ flag travels in the same all-reduce as the step's metrics, before the optimizer 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -22,6 +24,7 @@ from stepwise.models.hf_config import ModelArch
 from stepwise.models.policy_value import split_policy_value
 from stepwise.parallel.runtime import Layout
 from stepwise.train.logprobs import token_logprobs
+from stepwise.train.prefix_packing import flat_rows, read_positions
 
 
 def engine_options(model: ModelConfig, parallel: ParallelConfig, scoring: bool = False) -> EngineOptions:
@@ -48,6 +51,21 @@ def _finalize_grads(models, num_tokens=None, *args, **kwargs):
     finalize_model_grads(models, None)
 
 
+@contextmanager
+def variable_shapes(model, needed: bool = True):
+    """While inside, when `needed`, pipeline stages exchange each activation's shape before it (megatron's
+    `variable_seq_lengths`), so micro-batches may differ in length and rows (no effect at PP 1)."""
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model)
+    before = config.variable_seq_lengths
+    config.variable_seq_lengths = before or needed
+    try:
+        yield
+    finally:
+        config.variable_seq_lengths = before
+
+
 @dataclass
 class Engine:
     model: Any  # megatron DDP-wrapped GPTModel
@@ -71,15 +89,17 @@ class Engine:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        return get_forward_backward_func()(
-            forward_step_func=self._forward_step(loss_fn),
-            data_iterator=iter(micro_batches),
-            model=[self.model],
-            num_microbatches=len(micro_batches),
-            seq_length=micro_batches[0]["input_ids"].shape[1],
-            micro_batch_size=micro_batches[0]["input_ids"].shape[0],
-            forward_only=False,
-        )
+        shapes = {tuple(batch["input_ids"].shape) for batch in micro_batches}
+        with variable_shapes(self.model, len(shapes) > 1):  # packed rows: the last micro-batch may hold fewer
+            return get_forward_backward_func()(
+                forward_step_func=self._forward_step(loss_fn),
+                data_iterator=iter(micro_batches),
+                model=[self.model],
+                num_microbatches=len(micro_batches),
+                seq_length=micro_batches[0]["input_ids"].shape[1],
+                micro_batch_size=micro_batches[0]["input_ids"].shape[0],
+                forward_only=False,
+            )
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Callable) -> dict[str, float]:
         """One optimizer step over `micro_batches` (this DP rank's share of a global batch)."""
@@ -123,17 +143,17 @@ class Engine:
             output = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
 
             def loss_func(logits):
-                read = batch.get("loss_mask")  # every policy loss reads log-probs only there (0.0 elsewhere)
-                read = None if read is None else read > 0
-                if read is not None and read.shape != batch["labels"].shape:  # a packed row: one mask row per action
-                    read = read.any(dim=0, keepdim=True)
+                mask = batch.get("loss_mask")  # every policy loss reads log-probs only there (0.0 elsewhere)
+                read = None if mask is None else read_positions(mask, batch["labels"])  # packed: any segment's
+                as_mask = (lambda t: t) if mask is None else partial(flat_rows, loss_mask=mask)  # stacked packed rows
                 if self.kind == "critic":
                     outputs = logits.squeeze(-1)
                 elif self.kind == "policy_value":
                     vocab_logits, values = split_policy_value(logits)
-                    outputs = {"logprobs": token_logprobs(vocab_logits, batch["labels"], vocab, read), "values": values.float()}
+                    outputs = {"logprobs": as_mask(token_logprobs(vocab_logits, batch["labels"], vocab, read)),
+                               "values": as_mask(values.float())}
                 else:
-                    outputs = token_logprobs(logits, batch["labels"], vocab, read)
+                    outputs = as_mask(token_logprobs(logits, batch["labels"], vocab, read))
                 loss, metrics = loss_fn(batch, outputs)
                 return loss, torch.ones((), dtype=torch.int, device=device), self._metric_tensor(loss, metrics)
 

@@ -12,9 +12,9 @@ one pair, so `global_batch_size` and `micro_batch_size` count *pairs*: a micro-b
 the same forward pass. The normaliser is the number of pairs in the global batch.
 
 With `train.pack_sequences` a global batch is packed as `sft_data` describes, each pair a group that
-never straddles two rows (chosen then rejected, sharing the prompt once): a micro-batch is one row
-whose `loss_mask` [2 x pairs, S] has a pair's rows at 2i and 2i+1 as above, `ref_logp` and `chosen`
-alike. A global batch with a pair too long for one row is collated unpacked (as exact).
+never straddles two rows (chosen then rejected, sharing the prompt once; rows as long as the longest
+pair packed alone): a micro-batch of up to `micro_batch_size` rows has a `loss_mask` [2 x pairs,
+rows x S] with a pair's rows at 2i and 2i+1 as above, `ref_logp` and `chosen` alike. A global batch with a pair too long for one row is collated unpacked (as exact).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 
 from stepwise.data.jsonl import _check_field
 from stepwise.train.batches import LENGTH_MULTIPLE, DataOrder, collate_sft, dp_slice, pad_length, split_micro_batches
-from stepwise.train.prefix_packing import RowPacker, item_of, mask_packing, rank_rows, row_length
+from stepwise.train.prefix_packing import RowPacker, builder_micro_batches, item_of, mask_packing, row_length
 from stepwise.train.sft_data import tokenize_sft
 
 SIDES = ("chosen", "rejected")
@@ -55,7 +55,7 @@ class PairBatches:
         self.max_seq_len = max_seq_len
         self.micro_batch_size = micro_batch_size  # in pairs
         self.pack = pack
-        self._packer = RowPacker(max_seq_len)
+        self._packer = RowPacker(max_seq_len, fit_longest=True)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -68,7 +68,7 @@ class PairBatches:
         def items():
             return [item_of(self.pairs[i][side]) for i in indices for side in SIDES], [2] * len(indices)
 
-        return self._packer.rows(tuple(indices), items)
+        return self._packer.rows(tuple(indices), items, self.length_multiple)
 
     def tokens(self, indices: list[int]) -> int:
         rows = self.packed_rows(indices) if self.pack else None
@@ -80,7 +80,7 @@ class PairBatches:
         normalizer = torch.tensor(float(max(1, len(indices))))
         rows = self.packed_rows(indices) if self.pack else None
         if rows is not None:
-            micro = rank_rows(rows, dp_rank, dp_size, self.pad_id, self.max_seq_len, self.length_multiple)
+            micro = builder_micro_batches(self, rows, dp_rank, dp_size)
             for batch in micro:
                 items = batch.pop("items").tolist()  # 2i + side of pair indices[i]
                 batch["ref_logp"] = torch.tensor([self.pairs[indices[k // 2]]["ref_logp"][k % 2] for k in items],

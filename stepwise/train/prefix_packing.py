@@ -8,11 +8,16 @@ an action's first token is the segment's own copy of the prefix's last token. In
 segment sees its block's shared tokens and itself (causally), never another segment or block, and
 its position ids continue from the shared part, so every target sees exactly the context and the
 positions it has in its own unpadded row. Blocks fill rows of at most `budget` input tokens in the
-items' order (an item of a new prefix opens a new block; one that does not fit opens a new row).
+items' order (an item of a new prefix opens a new block; one that does not fit opens a new row, or
+with `first_fit` goes to the first earlier row it fits).
 Consecutive items may be tied into a group that never straddles two rows (a DPO pair: both halves in
 one forward pass). The same layout packs whole samples (SFT, DPO, ...): an item is (prompt,
 response), consecutive samples of one prompt share it, and samples of different prompts are blocks
 that never see each other (block-diagonal causal attention, positions restarting at 0 per block).
+Whole samples are packed first-fit into rows of the longest sample's padded length (`fit_longest`:
+never longer than the unpacked batch's rows), several rows per micro-batch (`stack_rows`): its
+`loss_mask` then spans the rows laid end to end ([segments, rows x S]), and `flat_rows` lays the
+[rows, S] log-probs out the same way for a loss.
 """
 from __future__ import annotations
 
@@ -46,9 +51,10 @@ class RowBudgetError(ValueError):
 
 
 def pack_rows(items: list[tuple[list[int], list[int]]], budget: int,
-              group_sizes: list[int] | None = None) -> list[list[Block]]:
+              group_sizes: list[int] | None = None, first_fit: bool = False) -> list[list[Block]]:
     """Rows of blocks holding `items` in order; a row's input tokens never exceed `budget`. The items
-    come in consecutive groups of `group_sizes` (default: one each) that each land in one row."""
+    come in consecutive groups of `group_sizes` (default: one each) that each land in one row: the last
+    row when it fits, else (`first_fit`) the first row it fits, else a new row."""
     sizes = group_sizes if group_sizes is not None else [1] * len(items)
     if sum(sizes) != len(items):
         raise ValueError(f"group sizes {sum(sizes)} do not add up to the {len(items)} items")
@@ -57,17 +63,24 @@ def pack_rows(items: list[tuple[list[int], list[int]]], budget: int,
     for size in sizes:
         group = range(start, start + size)
         start += size
-        if rows:
-            extended = _placed(rows[-1], items, group)
-            if row_length(extended) <= budget:
-                rows[-1] = extended
-                continue
+        if _place_in_open_row(rows, items, group, budget, first_fit):
+            continue
         row = _placed([], items, group)
         if row_length(row) > budget:
             what = f"item {group[0]}" if size == 1 else f"items {group[0]}..{group[-1]} (one group)"
             raise RowBudgetError(f"{what}: {row_length(row)} input tokens exceed the row budget {budget}")
         rows.append(row)
     return rows
+
+
+def _place_in_open_row(rows: list[list[Block]], items, group: range, budget: int, first_fit: bool) -> bool:
+    """Put `items[group]` in the last row of `rows` (`first_fit`: the first row) where it fits the budget."""
+    for r in range(len(rows)) if first_fit else range(max(0, len(rows) - 1), len(rows)):
+        extended = _placed(rows[r], items, group)
+        if row_length(extended) <= budget:
+            rows[r] = extended
+            return True
+    return False
 
 
 def _placed(row: list[Block], items: list[tuple[list[int], list[int]]], indices: range) -> list[Block]:
@@ -132,8 +145,8 @@ def collate_row(row: list[Block], length: int, pad_id: int) -> dict[str, torch.T
 def blocked_mask(block_of: torch.Tensor, segment_of_token: torch.Tensor) -> torch.Tensor:
     """[1, 1, S, S] boolean, True where query q may not see key k: allowed when k <= q, both in one
     block, and k is shared (segment 0) or in q's segment."""
-    size = block_of.shape[0]
-    causal = torch.ones((size, size), dtype=torch.bool).tril()
+    position = torch.arange(block_of.shape[0])
+    causal = position[None, :] <= position[:, None]
     same_block = block_of[:, None] == block_of[None, :]
     visible = (segment_of_token[None, :] == 0) | (segment_of_token[:, None] == segment_of_token[None, :])
     return ~(causal & same_block & visible)[None, None]
@@ -157,28 +170,87 @@ def mask_packing(enabled: bool, transformer_impl: str) -> bool:
 class RowPacker:
     """`pack_rows` of a global batch, kept for the last one asked (`tokens` and `micro_batches` ask for
     the same global batch in turn); None when a group does not fit the budget (the caller then
-    collates that global batch unpacked, as exact)."""
+    collates that global batch unpacked, as exact). With `fit_longest` the budget is the longest
+    group's length alone, rounded up to `multiple` (at most `budget`), and rows are filled first-fit
+    (single samples: never more rows, nor longer ones, than the batch unpacked; a row of pairs may be
+    longer than the pairs' unpacked rows, at least two of which it replaces)."""
 
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, fit_longest: bool = False):
         self.budget = budget
+        self.fit_longest = fit_longest
         self._last: tuple[tuple, list[list[Block]] | None] | None = None
 
-    def rows(self, key: tuple, items_of: Callable[[], tuple[list, list[int] | None]]) -> list[list[Block]] | None:
+    def rows(self, key: tuple, items_of: Callable[[], tuple[list, list[int] | None]],
+             multiple: int = LENGTH_MULTIPLE) -> list[list[Block]] | None:
         if self._last is None or self._last[0] != key:
             items, group_sizes = items_of()
+            budget = self.budget
+            if self.fit_longest:
+                budget = pad_length(_group_lengths(items, group_sizes) or [1], self.budget, multiple)
             try:
-                rows = pack_rows(items, self.budget, group_sizes)
+                rows = pack_rows(items, budget, group_sizes, first_fit=self.fit_longest)
             except RowBudgetError:
                 rows = None
             self._last = (key, rows)
         return self._last[1]
 
 
+def _group_lengths(items: list[tuple[list[int], list[int]]], group_sizes: list[int] | None) -> list[int]:
+    """The input tokens of each group of `items` packed alone."""
+    starts = [0]
+    for size in group_sizes if group_sizes is not None else [1] * len(items):
+        starts.append(starts[-1] + size)
+    return [row_length(_placed([], items, range(a, b))) for a, b in zip(starts, starts[1:])]
+
+
 def rank_rows(rows: list[list[Block]], dp_rank: int, dp_size: int, pad_id: int, max_seq_len: int,
-              multiple: int = LENGTH_MULTIPLE) -> list[dict[str, torch.Tensor]]:
+              multiple: int = LENGTH_MULTIPLE, rows_per_micro_batch: int = 1) -> list[dict[str, torch.Tensor]]:
     """This DP rank's micro-batches of a global batch's `rows`: a contiguous run of them (an empty rank
     gets one row without segments), each collated (`collate_row`, with `items`) at the length every
-    rank pads to, as pipeline schedules need."""
+    rank pads to, as pipeline schedules need, and stacked `rows_per_micro_batch` to a micro-batch."""
     length = pad_length([max(2, row_length(row)) for row in rows] or [2], max_seq_len, multiple)
     mine = rows[dp_rank * len(rows) // dp_size : (dp_rank + 1) * len(rows) // dp_size] or [[]]
-    return [collate_row(row, length, pad_id) for row in mine]
+    collated = [collate_row(row, length, pad_id) for row in mine]
+    return [stack_rows(collated[start : start + rows_per_micro_batch])
+            for start in range(0, len(collated), rows_per_micro_batch)]
+
+
+def builder_micro_batches(builder, rows: list[list[Block]], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
+    """`rank_rows` of a sample-packing batch builder (its pad id, length cap and multiple), stacking up to
+    its `micro_batch_size` rows to a micro-batch."""
+    return rank_rows(rows, dp_rank, dp_size, builder.pad_id, builder.max_seq_len, builder.length_multiple,
+                     builder.micro_batch_size)
+
+
+def stack_rows(collated: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Collated rows of one length S as one micro-batch of R rows: input_ids, labels, position_ids
+    [R, S], attention_mask [R, 1, S, S], `items` ascending, and `loss_mask` [segments, R x S], row k
+    the targets of item items[k] over its row's columns of the rows laid end to end (one row: [segments, S])."""
+    stacked = {key: torch.cat([row[key] for row in collated]) for key in ("input_ids", "labels", "position_ids",
+                                                                           "attention_mask", "items")}
+    stacked["loss_mask"] = torch.block_diag(*[row["loss_mask"] for row in collated])
+    order = stacked["items"].argsort()  # segments in item order (a record's place among the micro-batch's)
+    stacked["items"], stacked["loss_mask"] = stacked["items"][order], stacked["loss_mask"][order]
+    return stacked
+
+
+def read_positions(loss_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[R, S] where a loss reads log-probs: `loss_mask` > 0, any of a packed micro-batch's segment rows."""
+    read = loss_mask > 0
+    return read if read.shape == labels.shape else read.any(dim=0).reshape(labels.shape)
+
+
+def segment_values(loss_mask: torch.Tensor, values: list[list[float]]) -> torch.Tensor:
+    """Per-target numbers laid out as `loss_mask` [segments, W]: row k holds `values[k]` at row k's targets."""
+    out = torch.zeros(loss_mask.shape, dtype=torch.float32)
+    for k, numbers in enumerate(values):
+        targets = loss_mask[k] > 0
+        if int(targets.sum()) != len(numbers):
+            raise ValueError(f"segment {k}: {len(numbers)} numbers for {int(targets.sum())} targets")
+        out[k, targets] = torch.tensor(numbers, dtype=torch.float32)
+    return out
+
+
+def flat_rows(tensor: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token `tensor` [R, S] as `loss_mask` lays it out: [1, R x S] for stacked packed rows, else as is."""
+    return tensor.reshape(1, -1) if loss_mask.shape[-1] != tensor.shape[-1] else tensor

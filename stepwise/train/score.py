@@ -39,9 +39,13 @@ def as_trajectories(records: list[dict], tokenizer) -> list[dict]:
 
 
 def response_token_values(values: torch.Tensor, loss_mask: torch.Tensor) -> list[list[float]]:
-    """Per row, the entries of [B, S] `values` at the response positions (position t: token t+1)."""
+    """Per row of `loss_mask`, the entries of [B, S] `values` at its response positions (position t:
+    token t+1); packed rows: one `loss_mask` row per record over the rows laid end to end."""
+    from stepwise.train.prefix_packing import flat_rows
+
     mask = loss_mask.bool()
-    return [values[row][mask[row]].tolist() for row in range(values.shape[0])]
+    values = flat_rows(values, loss_mask).expand(mask.shape)
+    return [values[row][mask[row]].tolist() for row in range(mask.shape[0])]
 
 
 def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device, count: int | None = None,
@@ -52,8 +56,7 @@ def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device, c
     length and size: at PP > 1 the stages exchange each activation's shape (megatron's
     variable_seq_lengths), so none is padded to another's length."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.utils import get_model_config
-
+    from stepwise.train.engine import variable_shapes
     from stepwise.train.logprobs import token_logprobs
 
     if count is None:
@@ -82,16 +85,10 @@ def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device, c
 
         return output, collect
 
-    config = get_model_config(engine_model)
-    variable = config.variable_seq_lengths
-    config.variable_seq_lengths = True  # p2p shapes per micro-batch (no effect at PP 1)
-    try:
-        with torch.no_grad():
-            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches),
-                                        model=[engine_model], num_microbatches=count, seq_length=seq_length,
-                                        micro_batch_size=1, forward_only=True)
-    finally:
-        config.variable_seq_lengths = variable
+    with variable_shapes(engine_model), torch.no_grad():  # p2p shapes per micro-batch
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches),
+                                    model=[engine_model], num_microbatches=count, seq_length=seq_length,
+                                    micro_batch_size=1, forward_only=True)
     return results
 
 

@@ -4,11 +4,13 @@ A sequence is prompt + response + eos; targets are the response tokens and the e
 form carries `response_ids` instead (the exact sampled ids, ending in eos: `tasks.steps.target_ids`),
 used as they are. The global normaliser is the number of target tokens in the whole global batch.
 
-With `train.pack_sequences` (the default where the attention takes a mask) a global batch is packed
-(`stepwise.train.prefix_packing`): each micro-batch is one row of at most `model.max_seq_len` tokens
-holding several samples, each attending to itself only, at its own positions (samples of one prompt
-in a row share it, as exact), with a `loss_mask` of one row per sample ([samples, S] against the
-[1, S] log-probs); rows are dealt to the DP ranks in contiguous runs.
+With `train.pack_sequences` (where the attention takes a mask) a global batch is packed
+(`stepwise.train.prefix_packing`): rows as long as the batch's longest sample padded (at most
+`model.max_seq_len`) each hold several samples, filled first-fit, each sample attending to itself
+only, at its own positions (samples of one prompt in a row share it, as exact); a micro-batch stacks
+up to `micro_batch_size` rows, with a `loss_mask` of one row per sample over its rows laid end to end
+([samples, rows x S], against the log-probs as `prefix_packing.flat_rows` lays them out); rows are
+dealt to the DP ranks in contiguous runs.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 
 from stepwise.data.records import RecordScreen, token_form, token_ids
 from stepwise.train.batches import SequenceBatches, collate_sft, split_micro_batches, too_long
-from stepwise.train.prefix_packing import RowPacker, item_of, mask_packing, rank_rows, row_length
+from stepwise.train.prefix_packing import RowPacker, builder_micro_batches, item_of, mask_packing, row_length
 
 
 def tokenize_sft(records: list[dict], tokenizer, max_seq_len: int, source: str = "data", *,
@@ -47,11 +49,12 @@ class SFTBatches(SequenceBatches):
                  pack: bool = False):
         super().__init__(sequences, pad_id, max_seq_len, micro_batch_size)
         self.pack = pack
-        self._packer = RowPacker(max_seq_len)
+        self._packer = RowPacker(max_seq_len, fit_longest=True)
 
     def packed_rows(self, indices: list[int]) -> list | None:
         """The packed rows of a global batch (None: a sample does not fit, collate it unpacked)."""
-        return self._packer.rows(tuple(indices), lambda: ([item_of(self.sequences[i]) for i in indices], None))
+        return self._packer.rows(tuple(indices), lambda: ([item_of(self.sequences[i]) for i in indices], None),
+                                 self.length_multiple)
 
     def tokens(self, indices: list[int]) -> int:
         rows = self.packed_rows(indices) if self.pack else None
@@ -62,7 +65,7 @@ class SFTBatches(SequenceBatches):
         normalizer = torch.tensor(max(float(sum(sum(s["mask"][1:]) for s in chosen)), 1.0))
         rows = self.packed_rows(indices) if self.pack else None
         if rows is not None:
-            micro = rank_rows(rows, dp_rank, dp_size, self.pad_id, self.max_seq_len, self.length_multiple)
+            micro = builder_micro_batches(self, rows, dp_rank, dp_size)
             for batch in micro:
                 batch.pop("items")
                 batch["normalizer"] = normalizer

@@ -14,6 +14,11 @@ A micro-batch is a right-padded next-token batch (`input_ids`, `labels`, `loss_m
 plus [B, S] tensors `behaviour_logp`, `ref_logp`, `rewards` aligned with `labels`: position t holds
 the numbers of token t+1, whose state s_h is tokens 0..t, so the model's value at position t is V(s_h).
 The normaliser is the number of trajectories in the global batch.
+
+With `train.pack_sequences` (where the attention takes a mask) a global batch is packed as `sft_data`
+describes; the per-token tensors are then laid out like the packed `loss_mask` ([trajectories, rows x
+S], trajectory k's numbers at its own targets, in the order of the records), so a loss reading them
+with log-probs and values as `prefix_packing.flat_rows` lays them out sees each trajectory as unpacked.
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ import torch
 
 from stepwise.data.jsonl import DataError, _check_field
 from stepwise.data.records import token_ids
-from stepwise.train.batches import SequenceBatches, collate_sft, split_micro_batches
+from stepwise.train.batches import collate_sft, split_micro_batches
+from stepwise.train.prefix_packing import builder_micro_batches, mask_packing, segment_values
+from stepwise.train.sft_data import SFTBatches
 
 TOKEN_KEYS = ("behaviour_logp", "ref_logp", "rewards")
 
@@ -76,13 +83,24 @@ def collate_trajectories(sequences: list[dict], length: int, pad_id: int) -> dic
     return batch
 
 
-class TrajectoryBatches(SequenceBatches):
-    """This DP rank's micro-batches of a global batch of trajectories (normaliser: trajectories)."""
+class TrajectoryBatches(SFTBatches):
+    """This DP rank's micro-batches of a global batch of trajectories (normaliser: trajectories); packed
+    rows when `pack` (`SFTBatches.packed_rows`)."""
 
     def micro_batches(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
+        normalizer = torch.tensor(float(max(1, len(indices))))
+        rows = self.packed_rows(indices) if self.pack else None
+        if rows is not None:
+            micro = builder_micro_batches(self, rows, dp_rank, dp_size)
+            for batch in micro:
+                records = [self.sequences[indices[k]] for k in batch.pop("items").tolist()]
+                for key in TOKEN_KEYS:
+                    batch[key] = segment_values(batch["loss_mask"], [record[key] for record in records])
+                batch["normalizer"] = normalizer
+            return micro
         length = self.length([self.sequences[i] for i in indices])
         batch = collate_trajectories(self.mine(indices, dp_rank, dp_size), length, self.pad_id)
-        batch["normalizer"] = torch.tensor(float(max(1, len(indices))))
+        batch["normalizer"] = normalizer
         return split_micro_batches(batch, self.micro_batch_size)
 
 
@@ -90,4 +108,5 @@ def build_batches(records: list[dict], tokenizer, config, train, source: str = "
                   screen=None) -> TrajectoryBatches:
     """The worker's entry point for data kind `trajectory` (strict: every bad record is an error, `where` / `screen` unused)."""
     sequences = tokenize_trajectories(records, tokenizer, config.model.max_seq_len, source)
-    return TrajectoryBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
+    return TrajectoryBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size,
+                             mask_packing(train.pack_sequences, config.model.transformer_impl))

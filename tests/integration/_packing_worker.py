@@ -1,7 +1,9 @@
 """Worker: gradients of one fixed global batch, packed and unpacked, on one model at TP x PP, for a
 CASE: `skywork_dapo` (state-wise `action` batch, shared-prefix packed; also the `policy` scores, summed
-action log-probs as the advantage stage stores them), `sft` or `dpo` (sequence-packed `sft` / `pair`
-batches). Saves from rank 0 {"gradient": (observed max |diff|, max |grad|), "score": (max |diff|,
+action log-probs as the advantage stage stores them), `sft`, `dpo`, or `dqo` / `dro` (sequence-packed
+`sft` / `pair` / `trajectory` batches; dqo and dro on a policy with a value head, `dqo+network` with a
+separate value network), or `kto` (`labelled`
+batches packed per micro-batch, KL groups of 2). Saves from rank 0 {"gradient": (observed max |diff|, max |grad|), "score": (max |diff|,
 max |score|) or None, "tokens": (packed, unpacked: `batches.tokens`), "computed": (packed, unpacked:
 input positions of every DP rank's micro-batches, padding included), "rows": (packed, unpacked
 micro-batches of all DP ranks)}, each maximum taken over all ranks.
@@ -19,10 +21,12 @@ import torch.distributed as dist
 from stepwise.config.schema import ParallelConfig, TrainConfig
 from stepwise.parallel.runtime import init_parallel
 from stepwise.train.action_data import ActionBatches
+from stepwise.train.labelled_data import LabelledBatches
 from stepwise.train.pair_data import PairBatches
 from stepwise.train.sft_data import SFTBatches
 from stepwise.train.score import _score_batches
-from tests.integration._grad_worker import TINY, engine_for, random_sequences
+from stepwise.train.trajectory_data import TrajectoryBatches
+from tests.integration._grad_worker import NETWORK, TINY, engine_for, random_sequences
 
 MAX_SEQ_LEN = 32  # engine_for's ModelConfig: the packed row budget
 
@@ -59,6 +63,18 @@ def pair_records(seed: int = 5) -> list[dict]:
     return pairs
 
 
+def trajectory_records(seed: int = 6) -> list[dict]:
+    """8 trajectories (prompts of 3 tokens, 3..16 response tokens) with random per-token behaviour and
+    reference log-probs and rewards."""
+    generator = torch.Generator().manual_seed(seed)
+    records = []
+    for sequence in random_sequences(8, 4):
+        n = len(sequence["ids"]) - 3
+        numbers = lambda shift: (torch.randn(n, generator=generator) * 0.3 + shift).tolist()  # noqa: E731
+        records.append({**sequence, "behaviour_logp": numbers(-3.0), "ref_logp": numbers(-3.0), "rewards": numbers(0.0)})
+    return records
+
+
 def batches_of(case: str, micro_batch_size: int, pack: bool):
     """The case's batch object over its fixed samples, packed or not (row budget MAX_SEQ_LEN)."""
     if case == "skywork_dapo":
@@ -67,6 +83,11 @@ def batches_of(case: str, micro_batch_size: int, pack: bool):
         return SFTBatches(random_sequences(8, 4), 0, MAX_SEQ_LEN, micro_batch_size, pack=pack)
     if case == "dpo":
         return PairBatches(pair_records(), 0, MAX_SEQ_LEN, micro_batch_size, pack=pack)
+    if case in ("dqo", "dro", "dqo" + NETWORK):
+        return TrajectoryBatches(trajectory_records(), 0, MAX_SEQ_LEN, micro_batch_size, pack=pack)
+    if case == "kto":
+        records = [{**r, "desirable": k % 3 != 0, "ref_logp": -30.0 + k} for k, r in enumerate(random_sequences(8, 4))]
+        return LabelledBatches(records, 0, MAX_SEQ_LEN, micro_batch_size, pack=pack)
     raise ValueError(f"no packing case {case}")
 
 
@@ -78,9 +99,9 @@ def global_max(value: float) -> float:
 
 def main(out: str, tp: int, pp: int, case: str) -> None:
     layout = init_parallel(tp, pp, seed=7)
-    train = TrainConfig(loss=case, global_batch_size=8, micro_batch_size=2)
+    train = TrainConfig(loss=case.removesuffix(NETWORK), global_batch_size=8, micro_batch_size=2)
     plugin, engine = engine_for(case, train, ParallelConfig(tp=tp, pp=pp, nproc_per_node=layout.world_size), layout, 10)
-    loss_fn = partial(plugin.compute, plugin.parse_options({}))
+    loss_fn = partial(plugin.compute, plugin.parse_options({"kl_group_size": 2} if case == "kto" else {}))
     grads, scores, tokens, rows, computed = {}, {}, {}, {}, {}
     for pack in (False, True):
         batches = batches_of(case, train.micro_batch_size, pack)
