@@ -1,9 +1,10 @@
-"""Token log-probabilities from vocab-parallel logits, in chunks of positions, padded vocabulary masked.
+"""Token log-probabilities from vocab-parallel logits or from hidden states, in chunks of positions,
+padded vocabulary masked.
 
 The model's vocabulary is padded to a TP-friendly multiple; those columns must never take probability
 mass, or training would differ from the exported HF model (which has only the real vocabulary).
 
-`token_logprobs` is the form the trainer and the scorer use: the log-softmax of the label token is
+`token_logprobs` is the form for a model that returns whole logits: the log-softmax of the label token is
 computed a chunk of positions at a time (an fp32, padded-vocab-masked copy of one chunk only; the
 backward pass recomputes each chunk's softmax from the saved per-position max and sum of
 exponentials), and only at the positions a loss reads (`positions`, e.g. `loss_mask > 0`). So neither a
