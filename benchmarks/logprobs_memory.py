@@ -4,11 +4,18 @@ From hidden states [tokens, hidden] and an output-layer weight [vocab, hidden] (
 training) to the log-probs of the label tokens and the gradients of hidden and weight, three ways:
 - `full`: bf16 logits, their fp32 copy, a masked copy, megatron's vocab-parallel cross-entropy (the
   straightforward form: what stepwise did before, and what TRL / OpenRLHF / verl do);
-- `chunked_logits`: the same bf16 logits, log-softmax a chunk of positions at a time (the engine's form);
-- `chunked_hidden`: only one chunk of logits ever exists (`linear_token_logprobs`).
+- `chunked_logits`: the same bf16 logits, log-softmax a chunk of positions at a time (the engine's form
+  before the model handed back hidden states);
+- `chunked_hidden`: only one chunk of logits ever exists (`linear_token_logprobs`: the engine's and the
+  scorer's form now, `stepwise.models.hidden_output`).
+The weight carries megatron DDP's fp32 `main_grad` buffer, as in training; it exists before and after
+the step, so it is counted as an input for every variant alike: `full` and `chunked_logits` produce a
+bf16 weight gradient that DDP's hook then adds into it (done here the same way, inside the measured
+span), `chunked_hidden` adds its gradient into it chunk by chunk and returns megatron's dummy gradient.
 Each variant runs in a fresh subprocess; its peak is the growth of the process's memory above what the
-inputs already hold (CUDA: max_memory_allocated; CPU: the RSS high-water mark, ru_maxrss). Prints one
-JSON line; `memory_ratio` is chunked_hidden over full.
+inputs already hold (CUDA: max_memory_allocated; CPU: the RSS high-water mark, ru_maxrss; an allocation
+never written to, like the dummy gradient `torch.empty` gives, takes no RSS but does count on CUDA).
+Prints one JSON line; `memory_ratio` is chunked_hidden over full.
 
     python benchmarks/logprobs_memory.py [--tokens 4096 --vocab 152064 --hidden 256 --fp32]
 """
@@ -31,6 +38,13 @@ def current_rss() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def ddp_grad_hook(weight: torch.Tensor) -> None:
+    """What megatron DDP's backward hook does with the weight's gradient (distributed_data_parallel.py)."""
+    if weight.grad is not None and not weight.grad_added_to_main_grad:
+        weight.main_grad.add_(weight.grad)
+    weight.grad = None
+
+
 def run_variant(args) -> int:
     """Peak bytes the log-prob computation of `args.variant` adds above its inputs."""
     from stepwise.parallel.runtime import init_parallel
@@ -43,6 +57,8 @@ def run_variant(args) -> int:
     hidden = torch.randn(args.tokens, args.hidden, generator=generator).to(device, dtype).requires_grad_(True)
     weight = (torch.randn(args.vocab, args.hidden, generator=generator) / args.hidden ** 0.5).to(device, dtype)
     weight.requires_grad_(True)
+    weight.main_grad = torch.empty(weight.shape, dtype=torch.float32, device=device).fill_(0.0)  # resident
+    weight.grad_added_to_main_grad = False
     labels = torch.randint(0, args.vocab, (args.tokens,), generator=generator).to(device)
     real_vocab = args.vocab - 64  # some padded columns, as a TP-padded vocabulary has
     if device.type == "cuda":
@@ -60,6 +76,7 @@ def run_variant(args) -> int:
         else:
             logprobs = token_logprobs(logits.unsqueeze(0), labels.unsqueeze(0), real_vocab)
     logprobs.sum().backward()
+    ddp_grad_hook(weight)
     if device.type == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before

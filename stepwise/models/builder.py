@@ -19,6 +19,7 @@ from stepwise.models import variants
 from stepwise.models.attention import SDPAttention
 from stepwise.models.rope_positions import follow_position_ids
 from stepwise.models.hf_config import ModelArch
+from stepwise.models.hidden_output import hand_back_hidden_states
 from stepwise.models.precision import fp8_problem, resolve_transformer_impl
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -144,9 +145,11 @@ def layer_spec(options: EngineOptions, config=None):
         layer_specs=layers, layer_norm=variants.ZeroCenteredRMSNorm))
 
 
-def build_gpt_model(arch: ModelArch, options: EngineOptions, max_seq_len: int | None = None, model_class=None):
+def build_gpt_model(arch: ModelArch, options: EngineOptions, max_seq_len: int | None = None, model_class=None,
+                    hidden_output: bool = False):
     """A `GPTModel` (or the subclass `model_class`) holding this rank's shard of `arch` (random init;
-    load weights separately)."""
+    load weights separately). With `hidden_output` (training and scoring of policies) its last stage
+    hands back final hidden states instead of logits (`stepwise.models.hidden_output`)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -168,6 +171,8 @@ def build_gpt_model(arch: ModelArch, options: EngineOptions, max_seq_len: int | 
     follow_position_ids(model)
     if arch.scale_embeddings and model.pre_process:
         variants.scale_embedding_output(model, arch.hidden_size)
+    if hidden_output:
+        hand_back_hidden_states(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -1,6 +1,6 @@
-"""The `policy_value` models of DQO / DRO: per token, the policy's vocabulary logits and a scalar value
-V(s_h), in one output (the value as one extra column of each TP rank's vocabulary shard;
-`split_policy_value` takes it back off). Two structures, `dqo_data.value_model`:
+"""The `policy_value` models of DQO / DRO: per token, the policy's vocabulary logits (or, built with
+`hidden_output` as training does, its final hidden states) and a scalar value V(s_h), in one output
+(the value as one extra column of the policy output; `split_policy_value` takes it back off). Two structures, `dqo_data.value_model`:
 
 - `separate` (the paper's): `PolicyWithValueNetwork`, the policy GPTModel carrying a second network
   V_phi (a `critic` model: its own trunk, possibly another checkpoint of the same vocabulary) as the
@@ -27,9 +27,10 @@ VALUE_NETWORK_PREFIX = "value_network."
 VALUE_PREFIXES = (VALUE_HEAD_PREFIX, VALUE_NETWORK_PREFIX)
 
 
-def build_policy_value_model(arch: ModelArch, options: EngineOptions, max_seq_len: int | None = None):
+def build_policy_value_model(arch: ModelArch, options: EngineOptions, max_seq_len: int | None = None,
+                             hidden_output: bool = False):
     """A GPTModel (tied or untied as `arch` says) with a `ValueHead` on its last pipeline stage."""
-    model = build_gpt_model(arch, options, max_seq_len)
+    model = build_gpt_model(arch, options, max_seq_len, hidden_output=hidden_output)
     if model.post_process:
         device = next(model.parameters()).device
         model.value_head = ValueHead(model.config, arch.hidden_size, arch.initializer_range).to(device)
@@ -67,12 +68,12 @@ class PolicyWithValueNetwork(GPTModel):
 
 
 def build_policy_with_value_network(arch: ModelArch, value_arch: ModelArch, options: EngineOptions,
-                                    max_seq_len: int | None = None) -> PolicyWithValueNetwork:
+                                    max_seq_len: int | None = None, hidden_output: bool = False) -> PolicyWithValueNetwork:
     """The policy of `arch` and a value network of `value_arch` (same vocabulary) at one layout."""
     if value_arch.vocab_size != arch.vocab_size:
         raise ValueError(f"the value network's vocabulary ({value_arch.vocab_size}) differs from the policy's "
                          f"({arch.vocab_size}): it must read the policy's tokens")
-    model = build_gpt_model(arch, options, max_seq_len, model_class=PolicyWithValueNetwork)
+    model = build_gpt_model(arch, options, max_seq_len, model_class=PolicyWithValueNetwork, hidden_output=hidden_output)
     model.value_network = build_critic_model(value_arch, options, max_seq_len)
     model.pipeline_config = copy.copy(model.config)
     model.pipeline_config.hidden_size = arch.hidden_size + value_arch.hidden_size
@@ -80,7 +81,8 @@ def build_policy_with_value_network(arch: ModelArch, value_arch: ModelArch, opti
 
 
 def split_policy_value(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, S, V/TP + 1] -> (vocabulary logits [B, S, V/TP], values [B, S])."""
+    """[B, S, W + 1] -> (the policy's output [B, S, W], values [B, S]); W is V/TP (logits) or, for models
+    that hand back hidden states (`stepwise.models.hidden_output`), the hidden size."""
     return output[..., :-1], output[..., -1]
 
 

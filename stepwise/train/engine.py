@@ -23,7 +23,7 @@ from stepwise.models.builder import EngineOptions, build_gpt_model
 from stepwise.models.hf_config import ModelArch
 from stepwise.models.policy_value import split_policy_value
 from stepwise.parallel.runtime import Layout
-from stepwise.train.logprobs import token_logprobs
+from stepwise.train.logprobs import model_token_logprobs
 from stepwise.train.prefix_packing import flat_rows, read_positions
 
 
@@ -142,18 +142,18 @@ class Engine:
             batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
             output = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
 
-            def loss_func(logits):
+            def loss_func(output):
                 mask = batch.get("loss_mask")  # every policy loss reads log-probs only there (0.0 elsewhere)
                 read = None if mask is None else read_positions(mask, batch["labels"])  # packed: any segment's
                 as_mask = (lambda t: t) if mask is None else partial(flat_rows, loss_mask=mask)  # stacked packed rows
                 if self.kind == "critic":
-                    outputs = logits.squeeze(-1)
+                    outputs = output.squeeze(-1)
                 elif self.kind == "policy_value":
-                    vocab_logits, values = split_policy_value(logits)
-                    outputs = {"logprobs": as_mask(token_logprobs(vocab_logits, batch["labels"], vocab, read)),
+                    policy, values = split_policy_value(output)
+                    outputs = {"logprobs": as_mask(model_token_logprobs(model, policy, batch["labels"], vocab, read)),
                                "values": as_mask(values.float())}
-                else:
-                    outputs = as_mask(token_logprobs(logits, batch["labels"], vocab, read))
+                else:  # hidden states (built with hidden_output) or logits
+                    outputs = as_mask(model_token_logprobs(model, output, batch["labels"], vocab, read))
                 loss, metrics = loss_fn(batch, outputs)
                 return loss, torch.ones((), dtype=torch.int, device=device), self._metric_tensor(loss, metrics)
 
@@ -197,10 +197,12 @@ class Engine:
 
 def build_engine(
     arch: ModelArch, model_config: ModelConfig, parallel: ParallelConfig, train: TrainConfig, layout: Layout,
-    total_steps: int, kind: str = "policy", value_arch: ModelArch | None = None,
+    total_steps: int, kind: str = "policy", value_arch: ModelArch | None = None, hidden_output: bool = True,
 ) -> Engine:
     """Model (policy, critic, or policy_value: with a value head, or with a separate value network of
-    `value_arch`), DDP wrapper, megatron optimizer and scheduler for `total_steps` steps."""
+    `value_arch`), DDP wrapper, megatron optimizer and scheduler for `total_steps` steps. Policies hand
+    back hidden states (log-probs without whole logits) unless `hidden_output` is false (the logits
+    form, kept for comparison)."""
     from stepwise.models.critic import build_critic_model
     from stepwise.models.policy_value import build_policy_value_model, build_policy_with_value_network
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -208,11 +210,12 @@ def build_engine(
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     options = engine_options(model_config, parallel)
+    policy = {} if kind == "critic" else {"hidden_output": hidden_output}
     builder = {"critic": build_critic_model, "policy_value": build_policy_value_model}.get(kind, build_gpt_model)
     if value_arch is not None:
-        model = build_policy_with_value_network(arch, value_arch, options, max_seq_len=model_config.max_seq_len)
+        model = build_policy_with_value_network(arch, value_arch, options, model_config.max_seq_len, **policy)
     else:
-        model = builder(arch, options, max_seq_len=model_config.max_seq_len)
+        model = builder(arch, options, max_seq_len=model_config.max_seq_len, **policy)
     config = getattr(model, "pipeline_config", model.config)  # the schedule's p2p width comes from DDP's config
     distributed_optimizer = parallel.use_distributed_optimizer and torch.cuda.is_available()
     ddp = DistributedDataParallel(

@@ -1,9 +1,10 @@
-"""Token log-probabilities from vocab-parallel logits, in chunks of positions, padded vocabulary masked.
+"""Token log-probabilities from vocab-parallel logits or from hidden states, in chunks of positions,
+padded vocabulary masked.
 
 The model's vocabulary is padded to a TP-friendly multiple; those columns must never take probability
 mass, or training would differ from the exported HF model (which has only the real vocabulary).
 
-`token_logprobs` is the form the trainer and the scorer use: the log-softmax of the label token is
+`token_logprobs` is the form for a model that returns whole logits: the log-softmax of the label token is
 computed a chunk of positions at a time (an fp32, padded-vocab-masked copy of one chunk only; the
 backward pass recomputes each chunk's softmax from the saved per-position max and sum of
 exponentials), and only at the positions a loss reads (`positions`, e.g. `loss_mask > 0`). So neither a
@@ -11,8 +12,14 @@ full fp32 [tokens x vocab] copy, nor a masked copy, nor softmax saved for backwa
 arithmetic per position is megatron's `vocab_parallel_cross_entropy`'s, in the same order.
 
 `linear_token_logprobs` goes one step further, from hidden states and the output-layer weight shard:
-the [tokens x vocab] logits never exist either, only one chunk of them (the weight gradient is summed
-over chunks in fp32). `full_token_logprobs` is the straightforward form, kept as the reference.
+the [tokens x vocab] logits never exist either, only one chunk of them. The weight gradient is summed
+over chunks in fp32: straight into megatron DDP's fp32 `main_grad` buffer when the weight has one (what
+megatron's `gradient_accumulation_fusion` does: `grad_added_to_main_grad` set, a dummy gradient
+returned, so DDP's hook does not add it again), else into an fp32 accumulator returned as the gradient.
+`hidden_token_logprobs` is its [B, S] form at the positions a loss reads, and `model_token_logprobs`
+picks the form a model's output calls for (`stepwise.models.hidden_output`: the training and scoring
+policy models hand back hidden states). `full_token_logprobs` is the straightforward form, kept as the
+reference.
 """
 from __future__ import annotations
 
@@ -128,14 +135,31 @@ class _LinearChunkedLogprobs(torch.autograd.Function):
         hidden, weight, labels, tops, sums = ctx.saved_tensors
         real_vocab_size, chunk, start, group = ctx.settings
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        main_grad = getattr(weight, "main_grad", None)
+        accumulator = main_grad if main_grad is not None else torch.zeros(weight.shape, dtype=torch.float32,
+                                                                         device=weight.device)
         for begin in range(0, hidden.shape[0], chunk):
             part = slice(begin, begin + chunk)
             z = _masked_fp32(hidden[part] @ weight.t(), start, real_vocab_size)
             grad_logits = _chunk_grad(z, labels[part], start, tops[part], sums[part], grad_out[part]).to(weight.dtype)
             grad_hidden[part] = grad_logits @ weight
-            grad_weight.addmm_(grad_logits.t().float(), hidden[part].float())
-        return _all_reduce(grad_hidden, group), grad_weight.to(weight.dtype), None, None, None
+            accumulator.addmm_(grad_logits.t().to(accumulator.dtype), hidden[part].to(accumulator.dtype))
+        grad_weight = accumulator.to(weight.dtype) if main_grad is None else _main_grad_dummy(weight, hidden.dtype)
+        return _all_reduce(grad_hidden, group), grad_weight, None, None, None
+
+
+def _main_grad_dummy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The gradient returned once the weight gradient went into `weight.main_grad` (megatron-core 0.16's
+    LinearWithGradAccumulationAndAsyncCommunication contract): None without DDP's
+    `grad_added_to_main_grad` flag; else the flag is set, so DDP's hook skips adding `param.grad`, and a
+    dummy is returned (the hook runs on the backward thread): zeros where `zero_out_wgrad` says the
+    parameter also gets a real gradient (a tied embedding at PP 1, which the hook then does add)."""
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    weight.grad_added_to_main_grad = True
+    if getattr(weight, "zero_out_wgrad", False):
+        return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+    return torch.empty(weight.shape, dtype=dtype, device=weight.device)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, real_vocab_size: int,
@@ -143,21 +167,55 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, real_vocab_size: 
     """log p(labels) [B, S] (fp32) from vocab-parallel logits [B, S, V/TP]; only where `positions` [B, S]
     is true (0.0 elsewhere) when given, else everywhere."""
     flat = logits.reshape(-1, logits.shape[-1])
-    if positions is None:
-        rows = torch.arange(flat.shape[0], device=logits.device)
-    else:
-        rows = positions.reshape(-1).nonzero().squeeze(-1)
+    rows = read_rows(labels, positions)
     chunk = chunk or rows_per_chunk(flat.shape[-1])
     picked = _ChunkedLogprobs.apply(flat, rows, labels.reshape(-1)[rows], real_vocab_size, chunk)
-    out = torch.zeros(flat.shape[0], dtype=torch.float32, device=logits.device).index_put((rows,), picked)
-    return out.view(labels.shape)
+    return _scatter_rows(picked, rows, labels)
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, real_vocab_size: int,
                           chunk: int | None = None) -> torch.Tensor:
     """log p(labels) [n] (fp32) from hidden states [n, H] (the positions a loss reads) and this rank's
-    output-layer weight shard [V/TP, H]; the input gradient is all-reduced over TP (no sequence parallel)."""
+    output-layer weight shard [V/TP, H]; the input gradient is all-reduced over TP (so under sequence
+    parallelism the hidden states come gathered, and their gradient is this rank's slice of it)."""
     return _LinearChunkedLogprobs.apply(hidden, weight, labels, real_vocab_size, chunk or rows_per_chunk(weight.shape[0]))
+
+
+def read_rows(labels: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """Flat indices of the [B, S] positions to compute (all when `positions` is None). A packed row's
+    mask holds one row per action over one row of labels: a position is read when any action reads it."""
+    if positions is None:
+        return torch.arange(labels.numel(), device=labels.device)
+    if positions.shape != labels.shape:
+        positions = positions.any(dim=0, keepdim=True)
+    return positions.reshape(-1).nonzero().squeeze(-1)
+
+
+def _scatter_rows(picked: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device).index_put((rows,), picked)
+    return out.view(labels.shape)
+
+
+def hidden_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, real_vocab_size: int,
+                          positions: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+    """log p(labels) [B, S] (fp32) from final hidden states [B, S, H] (whole sequences, every TP rank's
+    copy) and this rank's output weight shard [V/TP, H]; the rows are gathered at `positions` (as
+    `read_rows`) before the output layer, so logits exist for one chunk of those rows only; 0.0 elsewhere."""
+    rows = read_rows(labels, positions)
+    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    picked = linear_token_logprobs(flat, weight, labels.reshape(-1)[rows], real_vocab_size, chunk)
+    return _scatter_rows(picked, rows, labels)
+
+
+def model_token_logprobs(model, output: torch.Tensor, labels: torch.Tensor, real_vocab_size: int,
+                         positions: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(labels) [B, S] from a policy model's last-stage `output`: hidden states when the model hands
+    them back (`stepwise.models.hidden_output`), else vocab-parallel logits."""
+    from stepwise.models.hidden_output import output_weight, returns_hidden_states
+
+    if returns_hidden_states(model):
+        return hidden_token_logprobs(output, output_weight(model), labels, real_vocab_size, positions)
+    return token_logprobs(output, labels, real_vocab_size, positions)
 
 
 def mask_padded_vocab(logits: torch.Tensor, real_vocab_size: int) -> torch.Tensor:

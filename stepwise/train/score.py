@@ -57,7 +57,8 @@ def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device, c
     variable_seq_lengths), so none is padded to another's length."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from stepwise.train.engine import variable_shapes
-    from stepwise.train.logprobs import token_logprobs
+    from stepwise.train.logprobs import model_token_logprobs
+    from stepwise.train.prefix_packing import flat_rows, read_positions
 
     if count is None:
         micro_batches = list(micro_batches)
@@ -71,16 +72,18 @@ def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device, c
         batch = {k: v.to(device) for k, v in next(data_iterator).items()}
         output = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"))
 
-        def collect(logits):
+        def collect(output):
             if kind == "critic":
-                values = torch.sigmoid(logits.squeeze(-1).float())
+                values = torch.sigmoid(output.squeeze(-1).float())
                 mask = batch["value_mask"].bool()
                 results.extend([values[row][mask[row]].tolist() for row in range(values.shape[0])])
-            elif kind == "tokens":
-                results.extend(response_token_values(token_logprobs(logits, batch["labels"], vocab), batch["loss_mask"]))
-            else:
-                logp = (token_logprobs(logits, batch["labels"], vocab) * batch["loss_mask"]).sum(dim=1)
-                results.extend([[v] for v in logp.tolist()])
+            else:  # log-probs (hidden states or logits, as the model was built) only where the response is read
+                mask = batch["loss_mask"]
+                logp = model_token_logprobs(model, output, batch["labels"], vocab, read_positions(mask, batch["labels"]))
+                if kind == "tokens":
+                    results.extend(response_token_values(logp, mask))
+                else:
+                    results.extend([[v] for v in (flat_rows(logp, mask) * mask).sum(dim=1).tolist()])
             return torch.zeros((), device=device), torch.ones((), dtype=torch.int, device=device), {}
 
         return output, collect
@@ -148,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parallel = config.layout_for(args.section)
     layout = init_parallel(parallel.tp, parallel.pp, seed=config.run.seed)
     arch = arch_from_hf(ckpt_layout.hf_metadata_dir(args.ckpt))
-    builder = build_critic_model if args.kind == "critic" else build_gpt_model
     options = engine_options(config.model, parallel, scoring=True)
-    model = builder(arch, options, max_seq_len=config.model.max_seq_len)
+    if args.kind == "critic":
+        model = build_critic_model(arch, options, max_seq_len=config.model.max_seq_len)
+    else:  # log-probs from hidden states: no whole logits
+        model = build_gpt_model(arch, options, max_seq_len=config.model.max_seq_len, hidden_output=True)
     load_checkpoint(args.ckpt, model)
     model.eval()
     records = read_jsonl(args.data)
