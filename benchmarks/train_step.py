@@ -61,14 +61,19 @@ def engine_step(fields: dict, model_config, rows: int, seq: int, init=None):
 
 
 def transformers_step(fields: dict, rows: int, seq: int, dtype: torch.dtype):
-    """One plain transformers (SDPA attention) training step of the same shape: AdamW, clipping."""
+    """One plain transformers (SDPA attention) training step of the same shape: AdamW and clipping with
+    the engine's optimizer settings (the `OptimConfig` defaults the engine is built with)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stepwise.config.schema import OptimConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fields = dict(fields)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    optim = OptimConfig()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
+                                  eps=optim.adam_eps, weight_decay=optim.weight_decay)
     data = random_batch(config.vocab_size, rows, seq, device)
 
     def step():
@@ -76,7 +81,7 @@ def transformers_step(fields: dict, rows: int, seq: int, dtype: torch.dtype):
         logits = model(input_ids=data["input_ids"], position_ids=data["position_ids"]).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), data["labels"].flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
         optimizer.step()
 
     return step

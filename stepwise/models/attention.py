@@ -2,7 +2,8 @@
 
 megatron's local spec materialises the S x S scores (out of memory at S=2048 on an 80 GB GPU);
 SDPA picks a fused flash / memory-efficient kernel on GPU and a blocked kernel on CPU. Causal by
-default (the fast path), with GQA (key/value heads are expanded to the query heads of this TP rank).
+default (the fast path), with GQA by SDPA's `enable_gqa` (key/value heads are not copied per query head;
+CUDA's masked kernel lacks it, so there they are expanded to this TP rank's query heads).
 Given an `attention_mask` (megatron's convention: boolean [b, 1, s, s], True where a query must NOT
 see a key; the causal part included), the mask is used instead of causality: shared-prefix packing
 (`stepwise.train.prefix_packing`) lets each action see its state's prefix and itself only.
@@ -16,13 +17,20 @@ from megatron.core.transformer.module import MegatronModule
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
          dropout: float, scale: float | None) -> torch.Tensor:
-    """SDPA over [b, heads, s, d]: causal without a mask, else the megatron-convention boolean mask."""
-    if attention_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale)
-    if attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
+    """SDPA over [b, heads, s, d] (k, v may have fewer heads, a divisor of q's: GQA): causal without a
+    mask, else the megatron-convention boolean mask."""
+    if attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.dim() != 4):
         raise ValueError(f"attention_mask must be a boolean [b, 1, s, s] tensor, got {attention_mask.dtype} "
                          f"{tuple(attention_mask.shape)}")
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=scale)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and attention_mask is not None and q.is_cuda:
+        # CUDA only (not run here, no GPU): its masked kernel takes no enable_gqa (SDPA would fall back to math)
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    gqa = k.shape[1] != q.shape[1]
+    if attention_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=scale,
+                                          enable_gqa=gqa)
 
 
 class SDPAttention(MegatronModule):
@@ -58,10 +66,6 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences need Transformer Engine attention")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
-        if k.shape[1] != q.shape[1]:
-            groups = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
         out = sdpa(q, k, v, attention_mask, self.dropout if self.training else 0.0, self.softmax_scale)
         seq, batch = out.shape[2], out.shape[0]
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)

@@ -17,7 +17,7 @@ import torch
 from stepwise.config.schema import FP8Config, ModelConfig
 from stepwise.models import variants
 from stepwise.models.attention import SDPAttention
-from stepwise.models.rope_positions import follow_position_ids
+from stepwise.models.rope_positions import follow_position_ids, lean_unfused_rope
 from stepwise.models.hf_config import ModelArch
 from stepwise.models.hidden_output import hand_back_hidden_states
 from stepwise.models.precision import fp8_problem, resolve_transformer_impl
@@ -169,6 +169,7 @@ def build_gpt_model(arch: ModelArch, options: EngineOptions, max_seq_len: int | 
     )
     variants.set_rope_frequencies(model, arch)
     follow_position_ids(model)
+    lean_unfused_rope()
     if arch.scale_embeddings and model.pre_process:
         variants.scale_embedding_output(model, arch.hidden_size)
     if hidden_output:

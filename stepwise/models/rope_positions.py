@@ -1,22 +1,37 @@
-"""Rotary embeddings at the batch's `position_ids`, not at 0..S-1.
+"""Rotary embeddings at the batch's `position_ids`, not at 0..S-1, and a cheaper unfused rope.
 
 megatron-core's GPTModel ignores `position_ids` under rope: it rotates token t by position t. Packed
 rows (shared-prefix packing, `stepwise.train.prefix_packing`) restart or continue positions inside a
 row, so `follow_position_ids` makes the rotary embedding read them: a forward pre-hook on the model
 keeps the call's `position_ids`, and a forward hook on its `rotary_pos_emb` gathers the [S, 1, 1, D]
 table at those positions into [S, B, 1, D] (megatron's unfused rope broadcasts over the batch
-dimension). The table's rows are computed per position, so plain 0..S-1 ids give bitwise the same
-rotation as before. megatron's fused rope (TE, `apply_rope_fusion`) expects [S, 1, 1, D]; the
-builder keeps it off.
+dimension), or into [S, 1, 1, D] when every row has the same positions (the usual unpacked batch:
+B times less cos/sin work, the same broadcast values). The table's rows are computed per position,
+so plain 0..S-1 ids give bitwise the same rotation as before. megatron's fused rope (TE,
+`apply_rope_fusion`) expects [S, 1, 1, D]; the builder keeps it off.
+
+`lean_unfused_rope` replaces megatron's unfused bshd rope with the same arithmetic, minus two costs:
+cos/sin of the frequencies are computed once per forward (megatron: per layer, for query and key),
+and a rotation over the whole head dimension skips megatron's split and re-concatenation (a copy
+forward, a zero-filled copy backward). Partial rotation and multi-latent attention go to megatron's.
 """
 from __future__ import annotations
 
 import torch
 
+_COS_SIN: dict = {}  # the last (freqs, mscale, dtype) -> (cos, sin); holds freqs, so its id stays unique
+
 
 def gather_rotary(table: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """[n, 1, 1, D] rotary table at [B, S] `position_ids` (each < n) -> [S, B, 1, D]."""
     return table[:, 0, 0, :][position_ids.t()].unsqueeze(2)
+
+
+def rotary_at_positions(table: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """`gather_rotary`, as [S, 1, 1, D] (broadcast over the batch) when every row has row 0's positions."""
+    if position_ids.shape[0] > 1 and bool((position_ids == position_ids[:1]).all()):
+        position_ids = position_ids[:1]
+    return gather_rotary(table, position_ids)
 
 
 def follow_position_ids(model) -> None:
@@ -35,7 +50,36 @@ def follow_position_ids(model) -> None:
             return output
         needed = int(positions.max()) + 1
         table = output if output.shape[0] >= needed else module.get_emb(needed)
-        return gather_rotary(table, positions.to(table.device))
+        return rotary_at_positions(table, positions.to(table.device))
 
     model.register_forward_pre_hook(keep_positions, with_kwargs=True)
     rotary.register_forward_hook(rotate_at_positions)
+
+
+def cos_sin(freqs: torch.Tensor, mscale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """megatron's `(cos(freqs) * mscale).to(dtype)` and the same for sin, reused while `freqs` is the
+    same tensor (every layer of one forward gets the same one)."""
+    key = (id(freqs), mscale, dtype)
+    if key not in _COS_SIN:
+        _COS_SIN.clear()
+        _COS_SIN[key] = (freqs, (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype))
+    return _COS_SIN[key][1:]
+
+
+def lean_unfused_rope() -> None:
+    """Install the lean bshd rope into megatron's rope_utils (idempotent; process-wide)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if getattr(rope_utils._apply_rotary_pos_emb_bshd, "is_lean", False):
+        return
+    megatron_bshd = rope_utils._apply_rotary_pos_emb_bshd
+
+    def lean_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
+        if multi_latent_attention or freqs.shape[-1] != t.shape[-1] or freqs.requires_grad:
+            return megatron_bshd(t, freqs, rotary_interleaved=rotary_interleaved,
+                                 multi_latent_attention=multi_latent_attention, mscale=mscale)
+        cos, sin = cos_sin(freqs, mscale, t.dtype)
+        return (t * cos) + (rope_utils._rotate_half(t, rotary_interleaved) * sin)
+
+    lean_bshd.is_lean, lean_bshd.megatron = True, megatron_bshd
+    rope_utils._apply_rotary_pos_emb_bshd = lean_bshd
