@@ -9,7 +9,7 @@ from __future__ import annotations
 from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.dapo_train import advantage_data, export_and_evaluate
-from stepwise.pipeline.stages.model import reference_policy, train_section
+from stepwise.pipeline.stages.model import last_metrics, reference_policy, train_section
 
 
 @stage("mc_ablation", depends=("policy", "complete", "segment", "sft", "init"),
@@ -22,4 +22,5 @@ def mc_ablation(ctx: StageContext) -> dict:
         return {**data, "steps": 0, "skipped": "no action passed the gap filter"}
     checkpoints = train_section(ctx, "policy", ctx.path("mc_ablation") / "actions.jsonl", reference_policy(ctx)[0],
                                 max_steps=steps, stage_name="mc_ablation")
-    return {**data, "steps": steps, **export_and_evaluate(ctx, "mc_ablation", str(checkpoints), "mc_same_steps")}
+    return {**data, "steps": steps, "final": last_metrics(checkpoints),
+            **export_and_evaluate(ctx, "mc_ablation", str(checkpoints), "mc_same_steps")}

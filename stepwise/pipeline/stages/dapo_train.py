@@ -294,7 +294,8 @@ def rs_baseline(ctx: StageContext) -> dict:
         return {"samples": correct, "steps": 0, "skipped": "fewer correct samples than one global batch"}
     checkpoints = train_section(ctx, "rs", ctx.path("rs") / "correct.jsonl", base_policy(ctx)[0],
                                 max_steps=steps)
-    return {"samples": correct, "steps": steps, **export_and_evaluate(ctx, "rs", str(checkpoints), "rs_same_steps")}
+    return {"samples": correct, "steps": steps, "final": last_metrics(checkpoints),
+            **export_and_evaluate(ctx, "rs", str(checkpoints), "rs_same_steps")}
 
 
 def write_correct_samples(ctx: StageContext) -> dict:
