@@ -32,14 +32,17 @@ def read_runs(run_dirs: list[str | Path]) -> dict[str, dict[str, float]]:
     return runs
 
 
-REFERENCES = ("base", "rs_same_steps", "rs_baseline")  # pi0, and rejection sampling (Skywork DAPO's, DQO's)
+# pi0, rejection sampling (Skywork DAPO's, DQO's), and Skywork DAPO without its critic (MC values: what the critic adds)
+REFERENCES = ("base", "rs_same_steps", "rs_baseline", "mc_same_steps")
 
 
 def spread_rows(runs: dict[str, dict[str, float]]) -> dict[str, dict]:
     """Per policy and per gain over each reference present (`<policy> - base`, `<policy> - rs_...`): mean,
     std (n-1) and the per-run values; a gain is taken within each run."""
     names = sorted({n for rows in runs.values() for n in rows}, key=lambda n: (n != "base", n))
-    gains = [(n, ref) for ref in REFERENCES if ref in names for n in names if n not in ("base", ref)]
+    gains = []
+    for ref in [r for r in REFERENCES if r in names]:
+        gains += [(n, ref) for n in names if n not in ("base", ref) and (ref, n) not in gains]  # a pair once
     out = {}
     for name, ref in [(n, None) for n in names] + gains:
         cells = {run: rows[name] - rows[ref] if ref else rows[name]

@@ -54,3 +54,14 @@ def test_gains_over_rejection_sampling_are_taken_within_each_run(tmp_path):
     assert set(lines) == {"dqo - base", "rs_baseline - base", "dqo - rs_baseline"}
     assert lines["dqo - rs_baseline"].endswith("(max of rs_baseline 0.020 and of the gain 0.025): not larger than the spread")
     assert lines["dqo - base"].endswith(": larger than the spread")
+
+
+def test_skywork_dapo_is_also_judged_against_its_critic_free_ablation_each_pair_once():
+    runs = {name: {"base": 0.4, "iteration_1": 0.5 + d, "rs_same_steps": 0.55, "mc_same_steps": 0.52 - d}
+            for name, d in (("s1", 0.0), ("s2", 0.02), ("s3", -0.01))}
+    rows = spread_rows(runs)
+    assert rows["iteration_1 - mc_same_steps"]["runs"] == pytest.approx({"s1": -0.02, "s2": 0.02, "s3": -0.04})
+    assert "mc_same_steps - rs_same_steps" in rows and "rs_same_steps - mc_same_steps" not in rows
+    assert [name for name in rows if " - " in name] == [
+        "iteration_1 - base", "mc_same_steps - base", "rs_same_steps - base", "iteration_1 - rs_same_steps",
+        "mc_same_steps - rs_same_steps", "iteration_1 - mc_same_steps"]
