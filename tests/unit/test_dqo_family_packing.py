@@ -12,7 +12,7 @@ from stepwise.train.score import response_token_values
 from stepwise.train.labelled_data import LabelledBatches
 from stepwise.train.trajectory_data import TrajectoryBatches
 
-TABLE = torch.randn(2, 97)  # a position's "log-prob" and "value" as functions of (token, position)
+TABLE = torch.randn(2, 97, generator=torch.Generator().manual_seed(0))  # seeded; a position's "log-prob" and "value" as functions of (token, position)
 
 
 def outputs(batch: dict) -> dict[str, torch.Tensor]:
