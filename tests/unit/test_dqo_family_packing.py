@@ -12,7 +12,8 @@ from stepwise.train.score import response_token_values
 from stepwise.train.labelled_data import LabelledBatches
 from stepwise.train.trajectory_data import TrajectoryBatches
 
-TABLE = torch.randn(2, 97, generator=torch.Generator().manual_seed(0))  # seeded; a position's "log-prob" and "value" as functions of (token, position)
+# a position's "log-prob" and "value" as functions of (token, position); seeded, not the global RNG
+TABLE = torch.randn(2, 97, generator=torch.Generator().manual_seed(0))
 
 
 def outputs(batch: dict) -> dict[str, torch.Tensor]:

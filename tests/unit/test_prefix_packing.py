@@ -52,7 +52,8 @@ def test_packed_micro_batches_sum_each_actions_logprobs_like_unpacked_rows():
     plain = ActionBatches(data, 0, 16, 8).micro_batches(indices, 0, 1)
     packed = ActionBatches(data, 0, 16, 8, pack=True).micro_batches(indices, 0, 1)
     assert len(packed) == 1 and packed[0]["loss_mask"].shape[0] == 6
-    logprob_of = torch.randn(64, generator=torch.Generator().manual_seed(0))  # a token's "log-prob" as a function of (label, position)
+    # a token's "log-prob" as a function of (label, position); seeded, not the global RNG
+    logprob_of = torch.randn(64, generator=torch.Generator().manual_seed(0))
 
     def token_table(batch):
         return logprob_of[(batch["labels"] * 3 + batch["position_ids"]) % 64]
