@@ -9,9 +9,10 @@ of `--micro-batch` records as `score_micro_batch_size` sets them): (a) the criti
 next state (state + action), one branched record per state vs one record per next state; (b) pi_ref's
 summed log-prob of every action, prefix-packed rows vs one row per action. Each form is scored in a
 fresh process (the same seeded random model in each), the forms alternating for `--advantage-rounds`
-rounds: the computed tokens, the scoring's seconds, and its peak memory as the RSS high-water mark's
-growth above the process's memory once model and data are built (CPU; ru_maxrss); packed and unpacked
-scores are checked to agree. Ends with one JSON line.
+rounds: the computed tokens, the scoring's seconds, and its peak memory: the growth of the RSS
+high-water mark (VmHWM, reset through /proc/self/clear_refs as the scoring starts; Linux) above the
+process's memory once model and data are built. Packed and unpacked scores are checked to agree.
+Ends with one JSON line.
 
     python benchmarks/dapo_packing.py [--solutions 6 --steps 12 --actions 16 --prompt 300 --step 60]
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
+import re
 import statistics
 import subprocess
 import sys
@@ -121,10 +122,19 @@ def scoring_batches(args, records: list[dict], kind: str, packed: bool):
     return ValueBatches(tokenize_states(values, None, args.max_seq_len), 0, args.max_seq_len, args.micro_batch)
 
 
+def rss_high_water(reset: bool = False) -> int:
+    """This process's peak resident memory in bytes (VmHWM), first reset to the current RSS if `reset`."""
+    if reset:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read()).group(1)) * 1024
+
+
 def measure_scoring(args) -> dict:
     """(In a fresh process.) Score the whole set in form `args.measure` ("kind/packed|unpacked") on a
-    seeded random model: {"tokens" computed, "seconds", "peak_bytes" (None when the scoring stayed below
-    the start-up high-water mark), "scores" (one per next state or action, in record order)}."""
+    seeded random model: {"tokens" computed, "seconds", "peak_bytes" (above the memory before),
+    "scores" (one per next state or action, in record order)}."""
     from logprobs_memory import current_rss
     from stepwise.config.schema import ModelConfig, ParallelConfig
     from stepwise.models.builder import build_gpt_model
@@ -142,13 +152,12 @@ def measure_scoring(args) -> dict:
     indices = list(range(len(batches.sequences)))
     tokens = sum(m["input_ids"].numel() for start in range(0, len(indices), args.micro_batch)
                  for m in batches.micro_batches(indices[start : start + args.micro_batch], 0, 1))
-    before, high_water_before = current_rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before, _ = current_rss(), rss_high_water(reset=True)
     began = time.perf_counter()
     scores = score_records(model, batches, indices, kind, args.vocab, layout.device)
     seconds = time.perf_counter() - began
-    high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"tokens": tokens, "seconds": seconds, "scores": [v for row in scores for v in row],
-            "peak_bytes": high_water - before if high_water > high_water_before else None}
+            "peak_bytes": rss_high_water() - before}
 
 
 def alternating_scoring(args) -> dict[str, list[dict]]:
@@ -168,12 +177,12 @@ def advantage_figures(runs: dict[str, list[dict]]) -> dict:
     """Printed per form; returned: the advantage stage's packed / unpacked ratios (both scorings
     together for tokens and time, per scoring for peak memory) and the largest score differences."""
     mean = {form: statistics.mean(r["seconds"] for r in rs) for form, rs in runs.items()}
-    peak = {form: max((r["peak_bytes"] for r in rs if r["peak_bytes"]), default=None) for form, rs in runs.items()}
+    peak = {form: max(r["peak_bytes"] for r in rs) for form, rs in runs.items()}  # the largest of the rounds
     tokens = {form: rs[0]["tokens"] for form, rs in runs.items()}
     for form, rs in runs.items():
-        peak_mib = "below start-up" if peak[form] is None else f"{peak[form] / 2**20:.1f} MiB"
         rounds = ", ".join(f"{r['seconds']:.2f}" for r in rs)
-        print(f"{form:15s} tokens computed {tokens[form]:>10,}  scoring {mean[form]:.2f} s (rounds: {rounds})  peak {peak_mib}")
+        print(f"{form:15s} tokens computed {tokens[form]:>10,}  scoring {mean[form]:.2f} s (rounds: {rounds})  "
+              f"peak {peak[form] / 2**20:.1f} MiB")
     total = lambda of, form: sum(of[f"{kind}/{form}"] for kind in ("critic", "policy"))  # noqa: E731
     figures = {"advantage_tokens_ratio": round(total(tokens, "packed") / total(tokens, "unpacked"), 4),
                "advantage_time_ratio": round(total(mean, "packed") / total(mean, "unpacked"), 4),
@@ -183,11 +192,11 @@ def advantage_figures(runs: dict[str, list[dict]]) -> dict:
         if len(packed) != len(unpacked):
             raise SystemExit(f"{kind}: {len(packed)} packed scores, {len(unpacked)} unpacked")
         figures[f"{kind}_max_score_diff"] = max(abs(a - b) for a, b in zip(packed, unpacked))
-        if peak[f"{kind}/packed"] and peak[f"{kind}/unpacked"]:
-            figures[f"{kind}_peak_mib"] = {form: round(peak[f"{kind}/{form}"] / 2**20, 1) for form in ("unpacked", "packed")}
-            figures[f"{kind}_peak_ratio"] = round(peak[f"{kind}/packed"] / peak[f"{kind}/unpacked"], 4)
-    print(f"max |packed - unpacked|: values {figures['critic_max_score_diff']:.3g}, "
-          f"log-probs {figures['policy_max_score_diff']:.3g}")
+        figures[f"{kind}_max_abs_score"] = max(abs(a) for a in unpacked)
+        figures[f"{kind}_peak_mib"] = {form: round(peak[f"{kind}/{form}"] / 2**20, 1) for form in ("unpacked", "packed")}
+        figures[f"{kind}_peak_ratio"] = round(peak[f"{kind}/packed"] / peak[f"{kind}/unpacked"], 4)
+    print(f"max |packed - unpacked|: values {figures['critic_max_score_diff']:.3g}, log-probs "
+          f"{figures['policy_max_score_diff']:.3g} (largest |log-prob| {figures['policy_max_abs_score']:.1f})")
     return figures
 
 
