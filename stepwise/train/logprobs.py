@@ -182,13 +182,14 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
 
 def read_rows(labels: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-    """Flat indices of the [B, S] positions to compute (all when `positions` is None). A packed row's
-    mask holds one row per action over one row of labels: a position is read when any action reads it."""
+    """Flat indices of the [B, S] positions to compute (all when `positions` is None). A packed
+    micro-batch's mask holds one row per segment: a position is read when any segment reads it
+    (`prefix_packing.read_positions`)."""
+    from stepwise.train.prefix_packing import read_positions
+
     if positions is None:
         return torch.arange(labels.numel(), device=labels.device)
-    if positions.shape != labels.shape:
-        positions = positions.any(dim=0, keepdim=True)
-    return positions.reshape(-1).nonzero().squeeze(-1)
+    return read_positions(positions, labels).reshape(-1).nonzero().squeeze(-1)
 
 
 def _scatter_rows(picked: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
