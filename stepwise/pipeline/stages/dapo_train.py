@@ -210,10 +210,11 @@ def write_next_states(ctx: StageContext, stage_name: str) -> dict:
                 if not action["ends"]:
                     next_ids = state["prompt_ids"] + action["action_ids"]
                     next_states.append(in_critic_tokens(state_record(next_ids))["ids"])
-            if next_states and branched:
+            if branched and next_states:
                 write_next(branched_record(next_states))
-            for ids in [] if branched else next_states:
-                write_next(state_record(ids))
+            elif not branched:
+                for ids in next_states:
+                    write_next(state_record(ids))
             count += len(next_states)
     return {"next_states": count, "actions_too_long": len(too_long)}
 
