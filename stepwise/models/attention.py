@@ -6,13 +6,19 @@ default (the fast path), with GQA by SDPA's `enable_gqa` (key/value heads are no
 CUDA's masked kernel lacks it, so there they are expanded to this TP rank's query heads).
 Given an `attention_mask` (megatron's convention: boolean [b, 1, s, s], True where a query must NOT
 see a key; the causal part included), the mask is used instead of causality: shared-prefix packing
-(`stepwise.train.prefix_packing`) lets each action see its state's prefix and itself only.
+(`stepwise.train.prefix_packing`) lets each action see its state's prefix and itself only. On CPU a
+packed row's mask is read as segments (`segment_attention`) and each attends to its own keys only;
+on CUDA the masked kernel takes the whole row (the per-segment form is not measured there: no GPU).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
+
+from stepwise.models.segment_attention import LayoutCache, segment_sdpa
+
+PACKED_LAYOUTS = LayoutCache()  # every layer of a forward reads one mask: its layout is found once
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -27,6 +33,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torc
         # CUDA only (not run here, no GPU): its masked kernel takes no enable_gqa (SDPA would fall back to math)
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     gqa = k.shape[1] != q.shape[1]
+    layout = None if attention_mask is None or q.is_cuda else PACKED_LAYOUTS.layout(attention_mask)
+    if layout is not None:
+        return segment_sdpa(q, k, v, layout, dropout, scale)
     if attention_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=scale,
