@@ -77,7 +77,8 @@ def model_arch(args):
                                   intermediate_size=4 * args.hidden, max_position_embeddings=args.max_seq_len))
 
 
-def alternating_step_seconds(args, loss: str, forms: dict) -> dict[str, list[float]]:
+def alternating_step_seconds(args, loss: str, forms: dict, kind: str = "policy",
+                             options: dict | None = None) -> dict[str, list[float]]:
     """Seconds of `args.rounds` optimizer steps of `loss` per form of `forms` (name -> batch builder) on a
     tiny qwen2 model (`args.vocab`, `args.hidden`, `args.layers`), the same global batch alternately in
     each form after an untimed one in each, so both share whatever else loads the machine."""
@@ -87,9 +88,10 @@ def alternating_step_seconds(args, loss: str, forms: dict) -> dict[str, list[flo
 
     layout = single_process_layout()
     train = TrainConfig(loss=loss, global_batch_size=args.global_batch, micro_batch_size=args.micro_batch)
-    engine = build_engine(model_arch(args), ModelConfig(max_seq_len=args.max_seq_len), ParallelConfig(), train, layout, 1000)
+    engine = build_engine(model_arch(args), ModelConfig(max_seq_len=args.max_seq_len), ParallelConfig(), train, layout,
+                          1000, kind=kind)
     plugin = losses.get(loss)
-    loss_fn = partial(plugin.compute, plugin.parse_options({}))
+    loss_fn = partial(plugin.compute, plugin.parse_options(options or {}))
     order = next(iter(forms.values())).make_order(args.global_batch, seed=0)
     steps = [order.next_global_batch() for _ in range(min(args.rounds, order.steps_per_epoch))]
     seconds: dict[str, list[float]] = {name: [] for name in forms}

@@ -2,8 +2,10 @@
 
 Same Qwen2 shape, batch, dtype and optimizer (Adam, grad clipping) in one process, measured in
 alternating rounds so machine noise hits both alike. Prints both rates and engine/transformers.
+With `--cpu-time` both run on one thread and are timed by the process's CPU time, which other work on
+a shared machine disturbs far less than wall-clock time (a few-percent difference needs it).
 
-    python benchmarks/train_step.py [--hidden 256 --layers 4 --seq 128 --batch 16 --rounds 5 --steps 4]
+    python benchmarks/train_step.py [--hidden 256 --layers 4 --seq 128 --batch 16 --rounds 5 --steps 4] [--cpu-time]
 """
 from __future__ import annotations
 
@@ -87,15 +89,15 @@ def transformers_step(fields: dict, rows: int, seq: int, dtype: torch.dtype):
     return step
 
 
-def timed(step, steps: int) -> float:
+def timed(step, steps: int, clock=time.perf_counter) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    began = time.perf_counter()
+    began = clock()
     for _ in range(steps):
         step()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return (time.perf_counter() - began) / steps
+    return (clock() - began) / steps
 
 
 def main() -> None:
@@ -104,7 +106,12 @@ def main() -> None:
                           ("seq", 128), ("batch", 16), ("rounds", 5), ("steps", 4)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--cpu-time", action="store_true", help="one thread, timed by process CPU time")
     args = parser.parse_args()
+    clock = time.perf_counter
+    if args.cpu_time:
+        torch.set_num_threads(1)
+        clock = time.process_time
     from stepwise.config.schema import ModelConfig
 
     dtype = "bfloat16" if args.bf16 else "float32"
@@ -113,13 +120,14 @@ def main() -> None:
     engine(), reference()  # warm-up
     engine_times, reference_times = [], []
     for _ in range(args.rounds):
-        engine_times.append(timed(engine, args.steps))
-        reference_times.append(timed(reference, args.steps))
+        engine_times.append(timed(engine, args.steps, clock))
+        reference_times.append(timed(reference, args.steps, clock))
     tokens = args.batch * args.seq
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads",
         "shape": {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "heads", "kv_heads", "seq", "batch")},
         "dtype": "bf16" if args.bf16 else "fp32",
+        "clock": "process CPU time" if args.cpu_time else "wall",
         "engine_tokens_per_s": tokens / statistics.median(engine_times),
         "transformers_tokens_per_s": tokens / statistics.median(reference_times),
     }

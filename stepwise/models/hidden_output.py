@@ -13,6 +13,12 @@ this rank's slice of the gradient, which the log-prob op has already all-reduced
 exactly the reduce-scatter of ColumnParallelLinear's sequence-parallel input. (Sequence parallelism
 runs on GPU only; it could not be run here.)
 
+GPTModel hands its output back batch-major (`transpose(0, 1).contiguous()`), so autograd would send
+the gradient back as a transposed view: every residual add, norm and linear of the backward pass then
+works on (and megatron's linears copy) a non-contiguous [S, B, H] gradient. The hidden states are
+therefore laid out batch-major here (`_BatchMajorLayout`: GPTModel's transpose is then free) and
+their gradient is made contiguous sequence-major once, where it enters the decoder.
+
 Only the models built for training and scoring take this path; conversion, HF parity and export build
 plain GPTModels and get whole logits.
 """
@@ -25,13 +31,25 @@ import torch
 HIDDEN_OUTPUT_FLAG = "hands_back_hidden_states"
 
 
+class _BatchMajorLayout(torch.autograd.Function):
+    """[S, B, H] in, the same values out laid out as [B, S, H] in memory; the gradient back contiguous."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.transpose(0, 1).contiguous().transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def _hidden_forward(self, input_: torch.Tensor, weight=None, runtime_gather_output=None):
     """ColumnParallelLinear.forward's signature and (output, bias) result, without the projection."""
     if self.sequence_parallel:  # [S/TP, B, H] -> [S, B, H]; the gradient keeps this rank's slice
         from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
         input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False)
-    return input_, None
+    return _BatchMajorLayout.apply(input_), None
 
 
 def hand_back_hidden_states(model) -> None:

@@ -79,8 +79,13 @@ def _chunk_forward(z: torch.Tensor, labels: torch.Tensor, start: int, group):
 def _chunk_grad(z: torch.Tensor, labels: torch.Tensor, start: int, top, sum_exp, grad_out) -> torch.Tensor:
     """d logp / d logits of a masked fp32 chunk times `grad_out`: (onehot - softmax) * grad_out, in place."""
     z -= top.unsqueeze(-1)
-    softmax = z.exp_().div_(sum_exp.unsqueeze(-1))
-    columns, inside = _label_columns(labels, start, z.shape[-1])
+    return _grad_from_exp(z.exp_(), labels, start, sum_exp, grad_out)
+
+
+def _grad_from_exp(exp_z: torch.Tensor, labels: torch.Tensor, start: int, sum_exp, grad_out) -> torch.Tensor:
+    """`_chunk_grad` from the chunk as `_chunk_forward` leaves it, exp(z - max), in place."""
+    softmax = exp_z.div_(sum_exp.unsqueeze(-1))
+    columns, inside = _label_columns(labels, start, exp_z.shape[-1])
     softmax.scatter_add_(1, columns.unsqueeze(-1), -inside.to(softmax.dtype).unsqueeze(-1))
     return softmax.mul_(-grad_out.unsqueeze(-1))
 
@@ -115,7 +120,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
 
 class _LinearChunkedLogprobs(torch.autograd.Function):
-    """log p(labels) from hidden states [n, H] and the output weight shard [V/TP, H], chunk by chunk."""
+    """log p(labels) from hidden states [n, H] and the output weight shard [V/TP, H], chunk by chunk.
+    When all positions fit one chunk, that chunk (as `_chunk_forward` leaves it) is kept for backward
+    instead of recomputed: at most one chunk (CHUNK_ELEMENTS fp32) lives from forward to backward, and
+    the gradient is bitwise the recomputing one's (the same arithmetic)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, real_vocab_size, chunk):
@@ -128,6 +136,7 @@ class _LinearChunkedLogprobs(torch.autograd.Function):
             out[part], tops[part], sums[part] = _chunk_forward(z, labels[part], start, group)
         ctx.save_for_backward(hidden, weight, labels, tops, sums)
         ctx.settings = (real_vocab_size, chunk, start, group)
+        ctx.kept_exp = z if 0 < hidden.shape[0] <= chunk else None
         return out
 
     @staticmethod
@@ -140,8 +149,13 @@ class _LinearChunkedLogprobs(torch.autograd.Function):
                                                                          device=weight.device)
         for begin in range(0, hidden.shape[0], chunk):
             part = slice(begin, begin + chunk)
-            z = _masked_fp32(hidden[part] @ weight.t(), start, real_vocab_size)
-            grad_logits = _chunk_grad(z, labels[part], start, tops[part], sums[part], grad_out[part]).to(weight.dtype)
+            if ctx.kept_exp is not None:
+                grad_logits = _grad_from_exp(ctx.kept_exp, labels, start, sums, grad_out)
+                ctx.kept_exp = None
+            else:
+                z = _masked_fp32(hidden[part] @ weight.t(), start, real_vocab_size)
+                grad_logits = _chunk_grad(z, labels[part], start, tops[part], sums[part], grad_out[part])
+            grad_logits = grad_logits.to(weight.dtype)
             grad_hidden[part] = grad_logits @ weight
             accumulator.addmm_(grad_logits.t().to(accumulator.dtype), hidden[part].to(accumulator.dtype))
         grad_weight = accumulator.to(weight.dtype) if main_grad is None else _main_grad_dummy(weight, hidden.dtype)

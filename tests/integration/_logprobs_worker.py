@@ -61,12 +61,13 @@ def check_hidden_form(tp: int, rank: int, generator: torch.Generator) -> None:
     (full * grad_out).sum().backward()
     if tp > 1:  # what ColumnParallelLinear's input region does in backward
         dist.all_reduce(full_hidden.grad)
-    chunked_hidden, chunked_weight = hidden.clone().requires_grad_(True), shard(weight, tp, rank)
-    chunked = linear_token_logprobs(chunked_hidden, chunked_weight, labels, REAL_VOCAB, chunk=6)
-    (chunked * grad_out).sum().backward()
-    close("hidden-form log-probs", chunked, full)
-    close("hidden gradient", chunked_hidden.grad, full_hidden.grad)
-    close("weight gradient", chunked_weight.grad, full_weight.grad)
+    for chunk in (6, ROWS * LENGTH):  # several chunks (recomputed in backward), one (kept for backward)
+        chunked_hidden, chunked_weight = hidden.clone().requires_grad_(True), shard(weight, tp, rank)
+        chunked = linear_token_logprobs(chunked_hidden, chunked_weight, labels, REAL_VOCAB, chunk=chunk)
+        (chunked * grad_out).sum().backward()
+        close(f"hidden-form log-probs, chunk {chunk}", chunked, full)
+        close(f"hidden gradient, chunk {chunk}", chunked_hidden.grad, full_hidden.grad)
+        close(f"weight gradient, chunk {chunk}", chunked_weight.grad, full_weight.grad)
 
 
 def check_hidden_positions_and_main_grad(tp: int, rank: int, generator: torch.Generator) -> None:
