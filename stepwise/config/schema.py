@@ -126,12 +126,11 @@ class TrainConfig:
     pack_prefixes: bool = True  # `action` batches: each state's prefix once, its actions after it, rows filled to
     # model.max_seq_len tokens; in the critic section, the advantage stage's next states of a state as one branched
     # record (exact; ignored under Transformer Engine, whose attention here takes no arbitrary mask)
-    pack_sequences: bool = False  # `sft`, `pair`, `labelled` and `trajectory` batches: several samples per row of
+    pack_sequences: bool = True  # `sft`, `pair`, `labelled` and `trajectory` batches: several samples per row of
     # the longest sample's padded length, up to micro_batch_size rows a micro-batch, block-diagonal attention,
-    # positions restarting per sample (exact; ignored under Transformer Engine as above). Off by default: still
-    # slower on CPU (benchmarks/RESULTS.md, 2026-12-01: step time x1.44 sft, x1.48 dpo at 0.78 / 0.60 of the
-    # tokens; dqo_smoke's sft steps 25 s vs 19-22 s), the masked SDPA path costing more per row than the causal
-    # kernel. Turn it on where padding dominates (long, uneven samples) and measure.
+    # positions restarting per sample (exact; ignored under Transformer Engine as above). Faster on CPU at
+    # every shape measured (benchmarks/RESULTS.md, 2026-12-02: step x0.77-0.93 of unpacked on mixed-length
+    # samples; dqo_smoke's SFT stage unchanged)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: Optional[ParallelConfig] = None  # this section's own layout (a 7B critic beside a 72B policy); None: the recipe's
 

@@ -7,7 +7,8 @@ CUDA's masked kernel lacks it, so there they are expanded to this TP rank's quer
 Given an `attention_mask` (megatron's convention: boolean [b, 1, s, s], True where a query must NOT
 see a key; the causal part included), the mask is used instead of causality: shared-prefix packing
 (`stepwise.train.prefix_packing`) lets each action see its state's prefix and itself only. On CPU a
-packed row's mask is read as segments (`segment_attention`) and each attends to its own keys only;
+packed row of at least `segment_attention.MIN_ROW_LENGTH` tokens has its mask read as segments
+(`segment_attention`), each attending to its own keys only;
 on CUDA the masked kernel takes the whole row (the per-segment form is not measured there: no GPU).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from stepwise.models.segment_attention import LayoutCache, segment_sdpa
+from stepwise.models.segment_attention import MIN_ROW_LENGTH, LayoutCache, segment_sdpa
 
 PACKED_LAYOUTS = LayoutCache()  # every layer of a forward reads one mask: its layout is found once
 
@@ -33,7 +34,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torc
         # CUDA only (not run here, no GPU): its masked kernel takes no enable_gqa (SDPA would fall back to math)
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     gqa = k.shape[1] != q.shape[1]
-    layout = None if attention_mask is None or q.is_cuda else PACKED_LAYOUTS.layout(attention_mask)
+    per_segment = attention_mask is not None and not q.is_cuda and q.shape[2] >= MIN_ROW_LENGTH
+    layout = PACKED_LAYOUTS.layout(attention_mask) if per_segment else None
     if layout is not None:
         return segment_sdpa(q, k, v, layout, dropout, scale)
     if attention_mask is None:

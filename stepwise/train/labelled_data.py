@@ -23,7 +23,7 @@ import torch
 
 from stepwise.data.jsonl import _check_field
 from stepwise.train.batches import collate_sft, split_micro_batches
-from stepwise.train.prefix_packing import collate_row, item_of, mask_packing, pack_rows, row_length, stack_rows
+from stepwise.train.prefix_packing import collate_rows, item_of, mask_packing, pack_rows, row_length
 from stepwise.train.sft_data import SFTBatches, tokenize_sft
 
 
@@ -66,7 +66,7 @@ class LabelledBatches(SFTBatches):
         micro = []
         length = self.length([self.sequences[i] for i in indices])
         for chunk, rows in self.packed_chunks(indices, range(first_row, first_row + per_rank)):
-            batch = stack_rows([collate_row(row, length, self.pad_id) for row in rows])
+            batch = collate_rows(rows, length, self.pad_id)
             positions = [chunk[k] for k in batch.pop("items").tolist()]
             micro.append(labelled(batch, [self.sequences[indices[p]] for p in positions], positions, normalizer))
         return micro

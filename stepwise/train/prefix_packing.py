@@ -15,7 +15,7 @@ one forward pass). The same layout packs whole samples (SFT, DPO, ...): an item 
 response), consecutive samples of one prompt share it, and samples of different prompts are blocks
 that never see each other (block-diagonal causal attention, positions restarting at 0 per block).
 Whole samples are packed first-fit into rows of the longest sample's padded length (`fit_longest`:
-never longer than the unpacked batch's rows), several rows per micro-batch (`stack_rows`): its
+never longer than the unpacked batch's rows), several rows per micro-batch (`collate_rows`): its
 `loss_mask` then spans the rows laid end to end ([segments, rows x S]), and `flat_rows` lays the
 [rows, S] log-probs out the same way for a loss.
 """
@@ -58,62 +58,68 @@ def pack_rows(items: list[tuple[list[int], list[int]]], budget: int,
     sizes = group_sizes if group_sizes is not None else [1] * len(items)
     if sum(sizes) != len(items):
         raise ValueError(f"group sizes {sum(sizes)} do not add up to the {len(items)} items")
+    segments = [segment_of(*item) for item in items]
     rows: list[list[Block]] = []
+    lengths: list[int] = []  # input tokens of each row
     start = 0
     for size in sizes:
         group = range(start, start + size)
         start += size
-        if _place_in_open_row(rows, items, group, budget, first_fit):
-            continue
-        row = _placed([], items, group)
-        if row_length(row) > budget:
-            what = f"item {group[0]}" if size == 1 else f"items {group[0]}..{group[-1]} (one group)"
-            raise RowBudgetError(f"{what}: {row_length(row)} input tokens exceed the row budget {budget}")
-        rows.append(row)
+        candidates = range(len(rows)) if first_fit else range(max(0, len(rows) - 1), len(rows))
+        target = next((r for r in candidates if lengths[r] + _added_length(rows[r], segments, group) <= budget), None)
+        if target is None:
+            added = _added_length([], segments, group)
+            if added > budget:
+                what = f"item {group[0]}" if size == 1 else f"items {group[0]}..{group[-1]} (one group)"
+                raise RowBudgetError(f"{what}: {added} input tokens exceed the row budget {budget}")
+            rows.append([])
+            lengths.append(0)
+            target = len(rows) - 1
+        lengths[target] += _added_length(rows[target], segments, group)
+        _append(rows[target], segments, group)
     return rows
 
 
-def _place_in_open_row(rows: list[list[Block]], items, group: range, budget: int, first_fit: bool) -> bool:
-    """Put `items[group]` in the last row of `rows` (`first_fit`: the first row) where it fits the budget."""
-    for r in range(len(rows)) if first_fit else range(max(0, len(rows) - 1), len(rows)):
-        extended = _placed(rows[r], items, group)
-        if row_length(extended) <= budget:
-            rows[r] = extended
-            return True
-    return False
+def _added_length(row: list[Block], segments: list[tuple[list[int], list[int], list[int]]], group: range) -> int:
+    """Input tokens `segments[group]` (`segment_of` each item) add to `row`: each segment's inputs, and
+    the shared part of each one that opens a new block."""
+    shared = row[-1].shared if row else None
+    added = 0
+    for index in group:
+        if segments[index][0] != shared:
+            shared = segments[index][0]
+            added += len(shared)
+        added += len(segments[index][1])
+    return added
 
 
-def _placed(row: list[Block], items: list[tuple[list[int], list[int]]], indices: range) -> list[Block]:
-    """A copy of `row` with `items[indices]` appended, each in the last block when it has the item's
-    shared part, else in a new block (`row` itself is left as it was)."""
-    row = row[:-1] + [Block(row[-1].shared, list(row[-1].segments), list(row[-1].items))] if row else []
-    for index in indices:
-        shared, inputs, targets = segment_of(*items[index])
+def _append(row: list[Block], segments: list[tuple[list[int], list[int], list[int]]], group: range) -> None:
+    """Put `segments[group]` at the end of `row`: in its last block when it has the segment's shared part,
+    else in a new block."""
+    for index in group:
+        shared, inputs, targets = segments[index]
         if not row or row[-1].shared != shared:
             row.append(Block(shared))
         row[-1].segments.append((inputs, targets))
         row[-1].items.append(index)
-    return row
 
 
 def row_length(row: list[Block]) -> int:
     return sum(block.length for block in row)
 
 
-def collate_row(row: list[Block], length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """One packed row as a micro-batch of one sequence of `length` tokens: input_ids, labels,
-    position_ids [1, length]; attention_mask [1, 1, length, length] (True: may not attend);
-    loss_mask [segments, length] (row k: the targets of the row's k-th segment, in item order) and
-    `items` [segments] (their item indices)."""
+def _row_lists(row: list[Block], length: int, pad_id: int) -> dict[str, list]:
+    """One packed row of `length` tokens as lists: ids, labels, positions, block and segment of each
+    token, (start, count) of each segment's targets, and each segment's item."""
     ids, labels, positions, block_of, segment_of_token = [], [], [], [], []
-    targets_at: list[tuple[int, int]] = []  # (start, count) of each segment's targets
+    targets_at: list[tuple[int, int]] = []
     items: list[int] = []
     for b, block in enumerate(row):
         start = len(ids)
         prefix_next = block.shared[1:] + [block.segments[0][0][0] if block.segments[0][0] else pad_id]
         ids += block.shared
         labels += prefix_next[: len(block.shared)]
-        positions += list(range(len(block.shared)))
+        positions += range(len(block.shared))
         block_of += [b] * len(block.shared)
         segment_of_token += [0] * len(block.shared)
         for s, ((inputs, targets), item) in enumerate(zip(block.segments, block.items), start=1):
@@ -129,27 +135,50 @@ def collate_row(row: list[Block], length: int, pad_id: int) -> dict[str, torch.T
     if used > length:
         raise ValueError(f"a packed row of {used} tokens does not fit the padded length {length}")
     pad = length - used
-    ids, labels = ids + [pad_id] * pad, labels + [pad_id] * pad
     positions += range(pad)
     block_of += [len(row)] * pad  # padding is a block of its own (never a fully masked query)
-    segment_of_token += [0] * pad
-    loss_mask = torch.zeros((len(items), length), dtype=torch.float32)
-    for k, (start, count) in enumerate(targets_at):
+    return {"input_ids": ids + [pad_id] * pad, "labels": labels + [pad_id] * pad, "position_ids": positions,
+            "block_of": block_of, "segment_of_token": segment_of_token + [0] * pad, "targets_at": targets_at,
+            "items": items}
+
+
+def collate_rows(rows: list[list[Block]], length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows of `length` tokens as one micro-batch of R rows: input_ids, labels, position_ids [R, S];
+    attention_mask [R, 1, S, S] (True: may not attend); `items` [segments] ascending, and `loss_mask`
+    [segments, R x S], row k the targets of item items[k] over its row's columns of the rows laid end to
+    end (one row: [segments, S])."""
+    parts = [_row_lists(row, length, pad_id) for row in rows]
+    batch = {key: torch.tensor([part[key] for part in parts]) for key in ("input_ids", "labels", "position_ids")}
+    batch["attention_mask"] = blocked_mask(torch.tensor([part["block_of"] for part in parts]),
+                                           torch.tensor([part["segment_of_token"] for part in parts]))
+    spans = [(r * length + start, count) for r, part in enumerate(parts) for start, count in part["targets_at"]]
+    items = [item for part in parts for item in part["items"]]
+    order = sorted(range(len(items)), key=items.__getitem__)  # segments in item order
+    loss_mask = torch.zeros((len(items), len(parts) * length), dtype=torch.float32)
+    for k, segment in enumerate(order):
+        start, count = spans[segment]
         loss_mask[k, start : start + count] = 1.0
-    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]),
-            "attention_mask": blocked_mask(torch.tensor(block_of), torch.tensor(segment_of_token)),
-            "loss_mask": loss_mask, "items": torch.tensor(items, dtype=torch.long)}
+    batch["loss_mask"] = loss_mask
+    batch["items"] = torch.tensor([items[segment] for segment in order], dtype=torch.long)
+    return batch
+
+
+def collate_row(row: list[Block], length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """One packed row as a micro-batch of one sequence (`collate_rows` of one row): loss_mask
+    [segments, length], row k the targets of the row's k-th segment in item order."""
+    return collate_rows([row], length, pad_id)
 
 
 def blocked_mask(block_of: torch.Tensor, segment_of_token: torch.Tensor) -> torch.Tensor:
-    """[1, 1, S, S] boolean, True where query q may not see key k: allowed when k <= q, both in one
-    block, and k is shared (segment 0) or in q's segment."""
-    position = torch.arange(block_of.shape[0])
+    """[R, 1, S, S] boolean from [R, S] (or [S]: R = 1) block and segment ids, True where query q may not
+    see key k: allowed when k <= q, both in one block, and k is shared (segment 0) or in q's segment."""
+    if block_of.dim() == 1:
+        block_of, segment_of_token = block_of[None], segment_of_token[None]
+    position = torch.arange(block_of.shape[-1])
     causal = position[None, :] <= position[:, None]
-    same_block = block_of[:, None] == block_of[None, :]
-    visible = (segment_of_token[None, :] == 0) | (segment_of_token[:, None] == segment_of_token[None, :])
-    return ~(causal & same_block & visible)[None, None]
+    same_block = block_of[:, :, None] == block_of[:, None, :]
+    visible = (segment_of_token[:, None, :] == 0) | (segment_of_token[:, :, None] == segment_of_token[:, None, :])
+    return ~(causal & same_block & visible)[:, None]
 
 
 def item_of(sequence: dict) -> tuple[list[int], list[int]]:
@@ -200,19 +229,19 @@ def _group_lengths(items: list[tuple[list[int], list[int]]], group_sizes: list[i
     starts = [0]
     for size in group_sizes if group_sizes is not None else [1] * len(items):
         starts.append(starts[-1] + size)
-    return [row_length(_placed([], items, range(a, b))) for a, b in zip(starts, starts[1:])]
+    segments = [segment_of(*item) for item in items]
+    return [_added_length([], segments, range(a, b)) for a, b in zip(starts, starts[1:])]
 
 
 def rank_rows(rows: list[list[Block]], dp_rank: int, dp_size: int, pad_id: int, max_seq_len: int,
               multiple: int = LENGTH_MULTIPLE, rows_per_micro_batch: int = 1) -> list[dict[str, torch.Tensor]]:
     """This DP rank's micro-batches of a global batch's `rows`: a contiguous run of them (an empty rank
-    gets one row without segments), each collated (`collate_row`, with `items`) at the length every
+    gets one row without segments), each collated (`collate_rows`, with `items`) at the length every
     rank pads to, as pipeline schedules need, and stacked `rows_per_micro_batch` to a micro-batch."""
     length = pad_length([max(2, row_length(row)) for row in rows] or [2], max_seq_len, multiple)
     mine = rows[dp_rank * len(rows) // dp_size : (dp_rank + 1) * len(rows) // dp_size] or [[]]
-    collated = [collate_row(row, length, pad_id) for row in mine]
-    return [stack_rows(collated[start : start + rows_per_micro_batch])
-            for start in range(0, len(collated), rows_per_micro_batch)]
+    return [collate_rows(mine[start : start + rows_per_micro_batch], length, pad_id)
+            for start in range(0, len(mine), rows_per_micro_batch)]
 
 
 def builder_micro_batches(builder, rows: list[list[Block]], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
@@ -220,18 +249,6 @@ def builder_micro_batches(builder, rows: list[list[Block]], dp_rank: int, dp_siz
     its `micro_batch_size` rows to a micro-batch."""
     return rank_rows(rows, dp_rank, dp_size, builder.pad_id, builder.max_seq_len, builder.length_multiple,
                      builder.micro_batch_size)
-
-
-def stack_rows(collated: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Collated rows of one length S as one micro-batch of R rows: input_ids, labels, position_ids
-    [R, S], attention_mask [R, 1, S, S], `items` ascending, and `loss_mask` [segments, R x S], row k
-    the targets of item items[k] over its row's columns of the rows laid end to end (one row: [segments, S])."""
-    stacked = {key: torch.cat([row[key] for row in collated]) for key in ("input_ids", "labels", "position_ids",
-                                                                           "attention_mask", "items")}
-    stacked["loss_mask"] = torch.block_diag(*[row["loss_mask"] for row in collated])
-    order = stacked["items"].argsort()  # segments in item order (a record's place among the micro-batch's)
-    stacked["items"], stacked["loss_mask"] = stacked["items"][order], stacked["loss_mask"][order]
-    return stacked
 
 
 def read_positions(loss_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from stepwise.models.segment_attention import Piece, row_pieces, segment_layout, segment_sdpa
-from stepwise.train.prefix_packing import collate_row, pack_rows, stack_rows
+from stepwise.train.prefix_packing import collate_rows, pack_rows
 
 
 def packed_mask(seed: int, rows: int = 3, length: int = 64) -> torch.Tensor:
@@ -14,12 +14,13 @@ def packed_mask(seed: int, rows: int = 3, length: int = 64) -> torch.Tensor:
     prefix several actions share, single-segment blocks, and padding."""
     rng = random.Random(seed)
     items = []
+    scale = max(1, length // 64)  # longer rows: longer prefixes and actions, as many of them
     for _ in range(12):
-        prefix = [rng.randrange(3, 50) for _ in range(rng.randint(1, 9))]
-        items += [(prefix, [rng.randrange(3, 50) for _ in range(rng.randint(1, 6))]) for _ in range(rng.randint(1, 3))]
+        prefix = [rng.randrange(3, 50) for _ in range(rng.randint(1, 9 * scale))]
+        items += [(prefix, [rng.randrange(3, 50) for _ in range(rng.randint(1, 6 * scale))])
+                  for _ in range(rng.randint(1, 3))]
     packed = pack_rows(items, budget=length - 3)
-    collated = [collate_row(row, length, pad_id=0) for row in packed[:rows]]
-    return stack_rows(collated)["attention_mask"]
+    return collate_rows(packed[:rows], length, pad_id=0)["attention_mask"]
 
 
 def masked_reference(q, k, v, mask):
@@ -75,7 +76,7 @@ def test_a_mask_of_another_shape_keeps_the_masked_kernel():
     assert segment_layout(stacked) is None
 
 
-def test_sdpa_reads_a_packed_mask_once_per_forward(monkeypatch):
+def test_sdpa_reads_a_long_packed_mask_once_per_forward_and_a_short_one_never(monkeypatch):
     import stepwise.models.segment_attention as segment_attention
     from stepwise.models import attention
 
@@ -83,9 +84,11 @@ def test_sdpa_reads_a_packed_mask_once_per_forward(monkeypatch):
     monkeypatch.setattr(attention, "PACKED_LAYOUTS", segment_attention.LayoutCache())
     original = segment_attention.segment_layout
     monkeypatch.setattr(segment_attention, "segment_layout", lambda mask: calls.append(1) or original(mask))
-    mask = packed_mask(3)
-    q, k, v = (torch.randn(mask.shape[0], 2, mask.shape[-1], 4) for _ in range(3))
-    for _ in range(3):  # three layers
-        out = attention.sdpa(q, k, v, mask, 0.0, None)
-    assert len(calls) == 1
-    assert torch.allclose(out, masked_reference(q, k, v, mask), rtol=1e-5, atol=1e-6)
+    for length, reads in ((segment_attention.MIN_ROW_LENGTH, 1), (segment_attention.MIN_ROW_LENGTH - 8, 0)):
+        calls.clear()
+        mask = packed_mask(3, rows=2, length=length)
+        q, k, v = (torch.randn(mask.shape[0], 2, mask.shape[-1], 4) for _ in range(3))
+        for _ in range(3):  # three layers
+            out = attention.sdpa(q, k, v, mask, 0.0, None)
+        assert len(calls) == reads
+        assert torch.allclose(out, masked_reference(q, k, v, mask), rtol=1e-5, atol=1e-6)
