@@ -48,7 +48,7 @@ def row_pieces(visible: torch.Tensor) -> list[Piece] | None:
         return None
     queries = torch.arange(size, device=visible.device)
     as_bytes = visible.view(torch.uint8)
-    seen_before = torch.nn.functional.pad(as_bytes.cumsum(dim=1, dtype=torch.int32), (1, 0))  # [S, S + 1]
+    seen_before = F.pad(as_bytes.cumsum(dim=1, dtype=torch.int32), (1, 0))  # [S, S + 1]
     count = seen_before[:, -1]
     first = as_bytes.argmax(dim=1)
     starts_run = torch.ones(size, dtype=torch.bool, device=visible.device)
