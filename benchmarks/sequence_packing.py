@@ -2,8 +2,9 @@
 (`train.pack_sequences`) vs one row per sample padded to the global batch's maximum, on synthetic samples
 of mixed lengths (prompts of `prompt` +-50% tokens, responses of 10..`response` tokens; a pair's two
 responses share its prompt; kto's responses alternate desirable and not; dqo's carry per-token
-rewards and log-probs and train a policy with a value head). Computed tokens are rows x padded length, real ones leave padding out; step time is the
-mean of `rounds` optimizer steps (sft / dpo loss) of a tiny model, packed and unpacked alternately
+rewards and log-probs and train a policy with a value head). Computed tokens are rows x padded length,
+real ones leave padding out; step time is the mean of `rounds` optimizer steps (sft / dpo / kto / dqo
+loss) of a tiny model, packed and unpacked alternately
 on the same global batches in one process. Ends with one JSON line.
 
     python benchmarks/sequence_packing.py [--samples 512 --prompt 200 --response 600 --max-seq-len 2048]

@@ -150,7 +150,7 @@ class _LinearChunkedLogprobs(torch.autograd.Function):
         for begin in range(0, hidden.shape[0], chunk):
             part = slice(begin, begin + chunk)
             if ctx.kept_exp is not None:
-                grad_logits = _grad_from_exp(ctx.kept_exp, labels, start, sums, grad_out)
+                grad_logits = _grad_from_exp(ctx.kept_exp, labels[part], start, sums[part], grad_out[part])
                 ctx.kept_exp = None
             else:
                 z = _masked_fp32(hidden[part] @ weight.t(), start, real_vocab_size)

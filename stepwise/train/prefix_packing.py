@@ -65,9 +65,11 @@ def pack_rows(items: list[tuple[list[int], list[int]]], budget: int,
     for size in sizes:
         group = range(start, start + size)
         start += size
-        candidates = range(len(rows)) if first_fit else range(max(0, len(rows) - 1), len(rows))
-        target = next((r for r in candidates if lengths[r] + _added_length(rows[r], segments, group) <= budget), None)
-        if target is None:
+        for target in range(len(rows)) if first_fit else range(max(0, len(rows) - 1), len(rows)):
+            added = _added_length(rows[target], segments, group)
+            if lengths[target] + added <= budget:
+                break
+        else:
             added = _added_length([], segments, group)
             if added > budget:
                 what = f"item {group[0]}" if size == 1 else f"items {group[0]}..{group[-1]} (one group)"
@@ -75,7 +77,7 @@ def pack_rows(items: list[tuple[list[int], list[int]]], budget: int,
             rows.append([])
             lengths.append(0)
             target = len(rows) - 1
-        lengths[target] += _added_length(rows[target], segments, group)
+        lengths[target] += added
         _append(rows[target], segments, group)
     return rows
 
