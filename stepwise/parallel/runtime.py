@@ -93,8 +93,6 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int, int]:
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    else:
-        cpu_shim.install()
     if world_size == 1 and "RANK" not in os.environ:  # alone and not launched: a fresh local port, never
         os.environ["MASTER_ADDR"] = "127.0.0.1"  # one inherited from a parent's process group
         os.environ["MASTER_PORT"] = str(free_port())
@@ -132,6 +130,8 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
     from megatron.core import parallel_state
 
     rank, world_size, local_rank = init_distributed()
+    if not torch.cuda.is_available():
+        cpu_shim.install()  # here, not in init_distributed: a step that only needs a barrier never imports megatron
     if world_size % (tp * pp):
         raise ValueError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
     if parallel_state.model_parallel_is_initialized():
@@ -156,10 +156,9 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
 
 
 def shutdown() -> None:
-    """Tear down megatron state and the process group (end of a stage)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
+    """Tear down megatron state (when a process used it) and the process group (end of a stage)."""
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

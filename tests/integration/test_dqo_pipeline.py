@@ -48,6 +48,7 @@ def hf_token_logprobs(model_dir: Path, records: list[dict]) -> list[tuple[list[f
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # whole pipelines: slow machines get twice the 900 s default
 def test_dqo_smoke_recipe_runs_every_stage_and_skips_them_on_rerun(tmp_path):
     run_dir = tmp_path / "dqo_smoke"
     first = stepwise("run", "recipes/tiny/dqo_smoke.yaml", f"run.dir={run_dir}")

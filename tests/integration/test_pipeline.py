@@ -42,6 +42,7 @@ def a_smaller_critic_model(run_dir: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # whole pipelines: slow machines get twice the 900 s default
 def test_smoke_recipe_runs_every_stage_and_skips_them_on_rerun(tmp_path):
     """Two Skywork DAPO iterations, the critic from another (smaller) model at its own layout (TP 1,
     one process, beside the policy's TP 2), then a re-run that skips everything."""

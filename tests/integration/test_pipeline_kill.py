@@ -1,10 +1,13 @@
 """Stage idempotence (issue 7, item 7): the smoke pipeline killed with SIGKILL at a random point of a
-random stage, then run again, ends with the same final outputs, byte for byte, as an uninterrupted run.
+random stage, again and again, then run to the end, ends with the same final outputs, byte for byte, as an
+uninterrupted run.
 
-Three cases pick three different stages (one seeded draw) and a random delay inside each; each kill takes the whole process group (the pipeline and
-torchrun; the workers, in sessions of their own, follow through their parent-death signal, and the test
-checks that none survives), as a node failure would. A killed stage has no manifest, so the re-run redoes it,
-resuming from what it left (sampling shards, training checkpoints) and skipping finished stages."""
+One run directory is killed in three different stages in turn (one seeded draw, in pipeline order), each
+after a random delay inside the stage: every restart resumes what the previous kill left. Each kill takes
+the whole process group (the pipeline and torchrun; the workers, in sessions of their own, follow through
+their parent-death signal, and the test checks that none survives), as a node failure would. A killed
+stage has no manifest, so the next run redoes it, resuming from what it left (sampling shards, training
+checkpoints) and skipping finished stages."""
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +26,7 @@ from tests.integration.test_pipeline import REPO, stepwise
 
 RECIPE = "recipes/tiny/smoke.yaml"
 KILLABLE = ("sft", "sample", "complete", "critic", "advantage", "policy", "dapo_eval")
-STAGES = random.Random(2026).sample(KILLABLE, 3)  # three different stages: sft, complete, advantage
+STAGES = sorted(random.Random(2026).sample(KILLABLE, 3), key=KILLABLE.index)  # sft, complete, advantage
 OUTPUTS = ("data/sft.jsonl", "grade/graded.jsonl", "select/selected.jsonl", "segment/states.jsonl",
            "complete/mc.jsonl", "advantage/actions.jsonl", "export/policy/model.safetensors",
            "dapo_eval/iteration_1/model.safetensors", "dapo_eval/iteration_1.graded.jsonl")
@@ -91,17 +94,20 @@ def uninterrupted(tmp_path_factory) -> tuple[dict[str, str], dict[str, float]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", range(3))
-def test_killed_at_a_random_stage_and_rerun_gives_the_same_outputs(uninterrupted, tmp_path, case):
+@pytest.mark.timeout(2400)  # the uninterrupted run (its fixture), three killed runs and a last one
+def test_killed_in_three_stages_in_turn_and_rerun_gives_the_same_outputs(uninterrupted, tmp_path):
     expected, seconds = uninterrupted
-    stage = STAGES[case]
-    delay = random.Random(case).uniform(0.0, 0.3) * seconds[stage]  # inside the stage (it took `seconds` last time)
     run_dir = tmp_path / "smoke"
-    log = kill_during(run_dir, stage, delay)
-    progress = [line for line in log.splitlines() if line.startswith("[stepwise] ")]
-    assert progress[-1] == f"[stepwise] {stage}: running", f"not killed inside {stage}: {progress[-3:]}"
-    leftover = survivors(run_dir)
-    assert not leftover, f"workers outlived the killed pipeline: {leftover}"
+    for case, stage in enumerate(STAGES):
+        delay = random.Random(case).uniform(0.0, 0.3) * seconds[stage]  # inside the stage (it took `seconds` last time)
+        log = kill_during(run_dir, stage, delay)
+        progress = [line for line in log.splitlines() if line.startswith("[stepwise] ")]
+        assert progress[-1] == f"[stepwise] {stage}: running", f"not killed inside {stage}: {progress[-3:]}"
+        if case > 0:  # a restart: finished stages skipped, the stage killed last time done again
+            assert "[stepwise] data: up to date, skipped" in log, log[-2000:]
+            assert f"[stepwise] {STAGES[case - 1]}: running" in log, log[-2000:]
+        leftover = survivors(run_dir)
+        assert not leftover, f"workers outlived the pipeline killed in {stage}: {leftover}"
     rerun = stepwise("run", RECIPE, f"run.dir={run_dir}")
-    assert "up to date, skipped" in rerun.stdout, rerun.stdout[-2000:]
-    assert fingerprint(run_dir) == expected, f"killed in {stage} after {delay:.2f}s:\n{log[-2000:]}"
+    assert f"[stepwise] {STAGES[-2]}: up to date, skipped" in rerun.stdout, rerun.stdout[-2000:]
+    assert fingerprint(run_dir) == expected, f"killed in {STAGES}:\n{rerun.stdout[-2000:]}"
