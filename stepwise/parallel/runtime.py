@@ -134,11 +134,10 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
         cpu_shim.install()  # here, not in init_distributed: a step that only needs a barrier never imports megatron
     if world_size % (tp * pp):
         raise ValueError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
-    )
+    if (tp, pp) != _model_parallel_sizes(parallel_state):  # the same layout again (tests): the same groups
+        if parallel_state.model_parallel_is_initialized():
+            release_model_parallel()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     seed_everything(seed)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return Layout(
@@ -155,10 +154,32 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
     )
 
 
+def _model_parallel_sizes(parallel_state) -> tuple[int, int] | None:
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return (parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size())
+
+
+def release_model_parallel() -> None:
+    """Destroy megatron's process groups. Its `destroy_model_parallel` only forgets them: their gloo
+    threads (about 50 a layout) kept polling, and a process that re-initialised many times (the test
+    suite's) spent most of a core on thousands of them."""
+    from megatron.core import parallel_state
+
+    created = [group for group in parallel_state._global_process_group_list or () if group is not None]
+    parallel_state.destroy_model_parallel()  # destroys its gloo data-parallel groups itself
+    for group in created:  # every group megatron created on this rank (None: the default group)
+        try:
+            dist.destroy_process_group(group)
+        except ValueError:  # "Invalid process group": one of those already destroyed
+            pass
+
+
 def shutdown() -> None:
     """Tear down megatron state (when a process used it) and the process group (end of a stage)."""
     parallel_state = sys.modules.get("megatron.core.parallel_state")
     if parallel_state is not None and parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        release_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
