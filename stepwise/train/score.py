@@ -1,7 +1,10 @@
 """Forward-only scoring at any TP/PP/DP, one process per GPU (launched like the training workers).
 
-    python -m stepwise.train.score --recipe R.yaml --ckpt CKPT --kind critic|policy|tokens --data D.jsonl \
-        --tokenizer DIR --out DIR
+    python -m stepwise.train.score --recipe R.yaml --ckpt CKPT --kind critic|policy|tokens --data D.jsonl [D2.jsonl ...] \
+        --tokenizer DIR --out DIR [DIR2 ...]
+
+Several data files are scored one after the other by the same loaded model (one launch, one checkpoint
+load), each into its own OUT directory.
 
 `critic`: `values` records (as for critic training, solutions or branched; `mc` only sizes the
 output) -> `values`: sigmoid(head) at the end of each state, or of each branch. `policy`: action records (as for
@@ -126,26 +129,28 @@ def score_records(model, batches, indices: list[int], kind: str, vocab: int, dev
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("--recipe", "--ckpt", "--data", "--tokenizer", "--out"):
+    for name in ("--recipe", "--ckpt", "--tokenizer"):
         parser.add_argument(name, required=True)
+    parser.add_argument("--data", nargs="+", required=True, help="records files (JSONL), scored in turn")
+    parser.add_argument("--out", nargs="+", required=True, help="one output directory per --data file")
     parser.add_argument("--kind", choices=["critic", "policy", "tokens"], required=True)
     parser.add_argument("--micro-batch-size", type=int, required=True,
                         help="records per forward (the section's score_micro_batch_size)")
     parser.add_argument("--section", default="policy", help="the train section whose layout the scoring runs at")
     args = parser.parse_args(argv)
+    if len(args.data) != len(args.out):
+        parser.error(f"{len(args.data)} --data files but {len(args.out)} --out directories")
 
     from stepwise.checkpoint import layout as ckpt_layout
     from stepwise.checkpoint.state import load_checkpoint
     from stepwise.config.loader import load_resolved
-    from stepwise.data.jsonl import read_jsonl, write_jsonl
     from stepwise.models.builder import build_gpt_model
     from stepwise.models.critic import build_critic_model
     from stepwise.models.hf_config import arch_from_hf
     from stepwise.parallel.runtime import init_parallel, shutdown
     from stepwise.tasks.tokenizer import load_tokenizer
-    from stepwise.train.batches import dp_slice, length_multiple
+    from stepwise.train.batches import length_multiple
     from stepwise.train.engine import engine_options
-    from stepwise.train.worker import build_batches
 
     config = load_resolved(Path(args.recipe).read_text())
     parallel = config.layout_for(args.section)
@@ -158,27 +163,39 @@ def main(argv: list[str] | None = None) -> int:
         model = build_gpt_model(arch, options, max_seq_len=config.model.max_seq_len, hidden_output=True)
     load_checkpoint(args.ckpt, model)
     model.eval()
-    records = read_jsonl(args.data)
     config.sft.micro_batch_size = args.micro_batch_size
     tokenizer = load_tokenizer(args.tokenizer)
-    if args.kind == "tokens":
-        from stepwise.train.trajectory_data import build_batches as trajectory_batches
-
-        batches = trajectory_batches(as_trajectories(records, tokenizer), tokenizer, config, config.sft, args.data)
-    else:
-        kind = "values" if args.kind == "critic" else "action"
-        batches = build_batches(kind, records, tokenizer, config, config.sft, args.data)
-    if options.fp8:  # model.fp8.scoring: FP8's GEMMs need longer multiples
-        batches.length_multiple = length_multiple(config.model, parallel)
-    mine = dp_slice(list(range(len(records))), layout.dp_rank, layout.dp)
-    mine += list(range(len(records)))[len(mine) * layout.dp :] if layout.dp_rank == layout.dp - 1 else []
-    scores = score_records(model, batches, mine, args.kind, arch.vocab_size, layout.device)
-    if layout.is_last_stage and layout.tp_rank == 0:
-        key = {"critic": "values", "tokens": "logprobs"}.get(args.kind, "logp")
-        rows = [{"index": i, key: s if args.kind != "policy" else s[0]} for i, s in zip(mine, scores)]
-        write_jsonl(Path(args.out) / f"part_{layout.dp_rank:04d}.jsonl", rows)
+    multiple = length_multiple(config.model, parallel) if options.fp8 else None  # model.fp8.scoring: FP8's GEMMs
+    for data, out in zip(args.data, args.out):  # need longer multiples
+        score_file(model, data, Path(out), args.kind, config, tokenizer, arch.vocab_size, multiple, layout)
     shutdown()
     return 0
+
+
+def score_file(model, data: str, out: Path, kind: str, config, tokenizer, vocab_size: int, multiple: int | None,
+               layout) -> None:
+    """Score the records of `data` with the loaded `model` (batches padded to `multiple` tokens when given):
+    this DP rank's slice into OUT/part_<dp>.jsonl."""
+    from stepwise.data.jsonl import read_jsonl, write_jsonl
+    from stepwise.train.batches import dp_slice
+    from stepwise.train.worker import build_batches
+
+    records = read_jsonl(data)
+    if kind == "tokens":
+        from stepwise.train.trajectory_data import build_batches as trajectory_batches
+
+        batches = trajectory_batches(as_trajectories(records, tokenizer), tokenizer, config, config.sft, data)
+    else:
+        batches = build_batches("values" if kind == "critic" else "action", records, tokenizer, config, config.sft, data)
+    if multiple is not None:
+        batches.length_multiple = multiple
+    mine = dp_slice(list(range(len(records))), layout.dp_rank, layout.dp)
+    mine += list(range(len(records)))[len(mine) * layout.dp :] if layout.dp_rank == layout.dp - 1 else []
+    scores = score_records(model, batches, mine, kind, vocab_size, layout.device)
+    if layout.is_last_stage and layout.tp_rank == 0:
+        key = {"critic": "values", "tokens": "logprobs"}.get(kind, "logp")
+        rows = [{"index": i, key: s if kind != "policy" else s[0]} for i, s in zip(mine, scores)]
+        write_jsonl(out / f"part_{layout.dp_rank:04d}.jsonl", rows)
 
 
 def read_scores(out_dir: str | Path) -> list[dict]:

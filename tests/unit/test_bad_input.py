@@ -78,3 +78,15 @@ def test_unknown_mode_and_missing_file_are_errors(tmp_path):
         RecordScreen("lenient")
     with pytest.raises(DataError, match="no such file"):
         read_records(tmp_path / "absent.jsonl", "sft")
+
+
+def test_scoring_refuses_data_files_without_one_output_each(capsys):
+    """`stepwise.train.score` scores several files in one launch, each into its own directory: a count
+    that does not match is refused before any model is built."""
+    from stepwise.train import score
+
+    with pytest.raises(SystemExit) as stopped:
+        score.main(["--recipe", "r.yaml", "--ckpt", "c", "--tokenizer", "t", "--kind", "critic",
+                    "--micro-batch-size", "2", "--data", "a.jsonl", "b.jsonl", "--out", "a_scores"])
+    assert stopped.value.code == 2
+    assert "2 --data files but 1 --out directories" in capsys.readouterr().err

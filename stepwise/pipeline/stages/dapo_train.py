@@ -14,7 +14,7 @@ from stepwise.pipeline.context import StageContext
 from stepwise.pipeline.registry import stage
 from stepwise.pipeline.stages.model import base_policy, export_checkpoint, last_metrics, reference_policy, train_section
 from stepwise.pipeline.stages.sampling import greedy_accuracy
-from stepwise.pipeline.stages.scoring import score_file, scores_dir, scores_of
+from stepwise.pipeline.stages.scoring import score_files, scores_dir, scores_of
 from stepwise.pipeline.step import in_step
 
 CALIBRATION_BINS = 5
@@ -97,8 +97,7 @@ def critic(ctx: StageContext) -> dict:
     splits = [split for split, count in in_step(ctx, write_critic_splits).items() if count]
     init = ctx.summary("init").get("critic") or base_policy(ctx)[0]  # skywork_dapo.critic_init, else pi0's trunk
     checkpoints = train_section(ctx, "critic", ctx.path("critic") / "train.jsonl", init)
-    for split in splits:
-        score_file(ctx, checkpoints, "critic", ctx.path("critic") / f"{split}.jsonl")
+    score_files(ctx, checkpoints, "critic", [ctx.path("critic") / f"{split}.jsonl" for split in splits])
     reports = in_step(ctx, report_critic_splits, splits=splits)
     return {"checkpoints": str(checkpoints), "final": last_metrics(checkpoints), **reports}
 
@@ -182,10 +181,10 @@ def advantage_data(ctx: StageContext, stage_name: str, source: str) -> dict:
     between three steps that shape the data."""
     written = in_step(ctx, write_next_states, stage_name=stage_name)
     if source == "critic" and written["next_states"]:
-        score_file(ctx, ctx.summary("critic")["checkpoints"], "critic", ctx.path(stage_name) / "next.jsonl")
+        score_files(ctx, ctx.summary("critic")["checkpoints"], "critic", [ctx.path(stage_name) / "next.jsonl"])
     chosen = in_step(ctx, choose_actions, stage_name=stage_name, source=source)
     if chosen["actions"]:
-        score_file(ctx, reference_policy(ctx)[0], "policy", ctx.path(stage_name) / "kept.jsonl")
+        score_files(ctx, reference_policy(ctx)[0], "policy", [ctx.path(stage_name) / "kept.jsonl"])
     return {**chosen, "value_source": source, "actions_too_long": written["actions_too_long"],
             **in_step(ctx, write_actions, stage_name=stage_name)}
 

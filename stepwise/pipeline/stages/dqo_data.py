@@ -140,10 +140,10 @@ def _process_rows(ctx: StageContext) -> dict[str, dict]:
 def dqo_datasets(ctx: StageContext) -> dict:
     """pi0's per-token log-probs of every unique response (one scoring launch between two steps), then
     every method's data set."""
-    from stepwise.pipeline.stages.scoring import score_file
+    from stepwise.pipeline.stages.scoring import score_files
 
     if in_step(ctx, write_unique_responses)["unique_responses"]:
-        score_file(ctx, base_policy(ctx)[0], "tokens", ctx.path("dqo_datasets") / "reference.jsonl")
+        score_files(ctx, base_policy(ctx)[0], "tokens", [ctx.path("dqo_datasets") / "reference.jsonl"])
     return in_step(ctx, write_datasets)
 
 
