@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     config.sft.micro_batch_size = args.micro_batch_size
     tokenizer = load_tokenizer(args.tokenizer)
-    multiple = length_multiple(config.model, parallel) if options.fp8 else None  # model.fp8.scoring: FP8's GEMMs
-    for data, out in zip(args.data, args.out):  # need longer multiples
+    # model.fp8.scoring: FP8's GEMMs need longer multiples
+    multiple = length_multiple(config.model, parallel) if options.fp8 else None
+    for data, out in zip(args.data, args.out):
         score_file(model, data, Path(out), args.kind, config, tokenizer, arch.vocab_size, multiple, layout)
     shutdown()
     return 0
