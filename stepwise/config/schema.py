@@ -125,10 +125,10 @@ class TrainConfig:
     tensorboard: bool = False  # TensorBoard event files beside metrics.jsonl (needs the tensorboard package)
     pack_prefixes: bool = True  # `action` batches: each state's prefix once, its actions after it, rows filled to
     # model.max_seq_len tokens; in the critic section, the advantage stage's next states of a state as one branched
-    # record (exact; ignored under Transformer Engine, whose attention here takes no arbitrary mask)
+    # record (exact; under Transformer Engine the masked rows go to SDPA: stepwise.models.te_packed_attention)
     pack_sequences: bool = True  # `sft`, `pair`, `labelled` and `trajectory` batches: several samples per row of
     # the longest sample's padded length, up to micro_batch_size rows a micro-batch, block-diagonal attention,
-    # positions restarting per sample (exact; ignored under Transformer Engine as above). Faster on CPU at
+    # positions restarting per sample (exact; under Transformer Engine as above). Faster on CPU at
     # every shape measured (benchmarks/RESULTS.md, 2026-12-02: step x0.77-0.93 of unpacked on mixed-length
     # samples; dqo_smoke's SFT stage unchanged)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -53,6 +53,17 @@ def batch_major(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).contiguous().transpose(1, 2)
 
 
+def core_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+                   dropout: float, scale: float | None) -> torch.Tensor:
+    """megatron's core-attention contract over `sdpa`: [s, b, heads, d] query/key/value in (key, value may
+    have fewer heads), [s, b, heads * d] out."""
+    q, k, v = (batch_major(t) for t in (query, key, value))  # [b, heads, s, d]
+    out = sdpa(q, k, v, attention_mask, dropout, scale)
+    seq, batch = out.shape[2], out.shape[0]
+    # contiguous here, once: else linear_proj's matmul copies it and its backward copies it again
+    return out.permute(2, 0, 1, 3).reshape(seq, batch, -1).contiguous()
+
+
 class SDPAttention(MegatronModule):
     """[s, b, heads, d] query/key/value in, [s, b, heads * d] out; causal, or `attention_mask`."""
 
@@ -85,8 +96,5 @@ class SDPAttention(MegatronModule):
     ) -> torch.Tensor:
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences need Transformer Engine attention")
-        q, k, v = (batch_major(t) for t in (query, key, value))  # [b, heads, s, d]
-        out = sdpa(q, k, v, attention_mask, self.dropout if self.training else 0.0, self.softmax_scale)
-        seq, batch = out.shape[2], out.shape[0]
-        # contiguous here, once: else linear_proj's matmul copies it and its backward copies it again
-        return out.permute(2, 0, 1, 3).reshape(seq, batch, -1).contiguous()
+        return core_attention(query, key, value, attention_mask, self.dropout if self.training else 0.0,
+                              self.softmax_scale)

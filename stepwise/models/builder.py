@@ -124,7 +124,8 @@ def transformer_config(arch: ModelArch, options: EngineOptions):
 
 
 def layer_spec(options: EngineOptions, config=None):
-    """TE's spec (fused RMSNorm + linear, fused attention, FP8) or the local spec with SDPA attention.
+    """TE's spec (fused RMSNorm + linear, fused attention, FP8; SDPA for packed rows' masks:
+    `stepwise.models.te_packed_attention`) or the local spec with SDPA attention.
 
     With `config.layernorm_zero_centered_gamma` (Gemma) the local spec gets (1 + w) norms, the final
     one included, so it becomes a block spec for this pipeline stage's layers.
@@ -132,9 +133,10 @@ def layer_spec(options: EngineOptions, config=None):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if uses_te(options):
+        from stepwise.models.te_packed_attention import take_masks
         from stepwise.models.te_spec import te_layer_spec
 
-        return te_layer_spec()
+        return take_masks(te_layer_spec())
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if config is not None and config.use_te_activation_func:

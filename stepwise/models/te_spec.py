@@ -91,7 +91,7 @@ def placeholder_te_layer_spec():
 
 def te_modules_of(spec, prefix: str = "") -> dict[str, str]:
     """{module path inside a decoder layer: TE class name} of the modules of `spec` (a `ModuleSpec`)
-    whose class is one of `TE_CLASSES`, in the spec's order."""
+    whose class is one of `TE_CLASSES` or a subclass of one, in the spec's order."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     found: dict[str, str] = {}
@@ -101,8 +101,9 @@ def te_modules_of(spec, prefix: str = "") -> dict[str, str]:
     for field in dataclasses.fields(submodules):
         value = getattr(submodules, field.name)
         module = value.module if isinstance(value, ModuleSpec) else value
-        if isinstance(module, type) and module.__name__ in TE_CLASSES:
-            found[prefix + field.name] = module.__name__
+        te_class = next((c.__name__ for c in getattr(module, "__mro__", ()) if c.__name__ in TE_CLASSES), None)
+        if te_class is not None:  # a TE class or a subclass of one (te_packed_attention's)
+            found[prefix + field.name] = te_class
         if isinstance(value, ModuleSpec):
             found.update(te_modules_of(value, f"{prefix}{field.name}."))
     return found

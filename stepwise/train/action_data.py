@@ -9,8 +9,7 @@ state lands in the same global batch, which gives the contrastive gradient the p
 "state-wise learning"): states are shuffled per epoch and packed whole into global batches of at most
 `global_batch_size` actions; unused slots are padding rows (id -1) that carry no loss.
 
-With `train.pack_prefixes` (the default where the attention takes a mask: the SDPA core attention,
-not Transformer Engine) a global batch is shared-prefix packed (`stepwise.train.prefix_packing`):
+With `train.pack_prefixes` (the default) a global batch is shared-prefix packed (`stepwise.train.prefix_packing`):
 each micro-batch is one row of at most `model.max_seq_len` tokens holding states' prefixes once and
 their actions after them; its `loss_mask` has one row per action ([actions, S] against the [1, S]
 log-probs, so a loss summing `logprobs * loss_mask` over dim 1 gets each action's log-prob sum), and
@@ -26,7 +25,7 @@ import torch
 from stepwise.data.jsonl import DataError, _check_field
 from stepwise.data.records import RecordScreen, token_form, token_ids
 from stepwise.train.batches import SequenceBatches, collate_sft, dp_slice, split_micro_batches, too_long
-from stepwise.train.prefix_packing import RowPacker, item_of, mask_packing, rank_rows, row_length
+from stepwise.train.prefix_packing import RowPacker, item_of, rank_rows, row_length
 
 PAD_INDEX = -1
 
@@ -174,4 +173,4 @@ def build_batches(records: list[dict], tokenizer, config, train, source: str = "
     """The worker's entry point for data kind `action`."""
     sequences = tokenize_actions(records, tokenizer, config.model.max_seq_len, source, where=where, screen=screen)
     return ActionBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size,
-                         mask_packing(train.pack_prefixes, config.model.transformer_impl))
+                         train.pack_prefixes)

@@ -11,7 +11,7 @@ exact sampled ids (ending in eos), used instead of tokenizing it. Besides the SF
 loss groups rows by it for its reference point). The normaliser is the number of responses in the
 global batch.
 
-With `train.pack_sequences` (where the attention takes a mask) each unpacked micro-batch's responses,
+With `train.pack_sequences` (the default) each unpacked micro-batch's responses,
 and so each of its KL groups whole, are packed into rows of the global batch's padded length
 (`stepwise.train.prefix_packing`, first-fit) stacked as one micro-batch: as many micro-batches as
 unpacked, fewer rows; `loss_mask` has one row per response ([responses, rows x S]) and `desirable`,
@@ -23,7 +23,7 @@ import torch
 
 from stepwise.data.jsonl import _check_field
 from stepwise.train.batches import collate_sft, split_micro_batches
-from stepwise.train.prefix_packing import collate_rows, item_of, mask_packing, pack_rows, row_length
+from stepwise.train.prefix_packing import collate_rows, item_of, pack_rows, row_length
 from stepwise.train.sft_data import SFTBatches, tokenize_sft
 
 
@@ -86,4 +86,4 @@ def build_batches(records: list[dict], tokenizer, config, train, source: str = "
     """The worker's entry point for data kind `labelled` (strict: every bad record is an error, `where` / `screen` unused)."""
     sequences = tokenize_labelled(records, tokenizer, config.model.max_seq_len, source)
     return LabelledBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size,
-                           mask_packing(train.pack_sequences, config.model.transformer_impl))
+                           train.pack_sequences)

@@ -22,7 +22,7 @@ import torch
 
 from stepwise.data.jsonl import _check_field
 from stepwise.train.batches import LENGTH_MULTIPLE, DataOrder, collate_sft, dp_slice, pad_length, split_micro_batches
-from stepwise.train.prefix_packing import RowPacker, builder_micro_batches, item_of, mask_packing, row_length
+from stepwise.train.prefix_packing import RowPacker, builder_micro_batches, item_of, row_length
 from stepwise.train.sft_data import tokenize_sft
 
 SIDES = ("chosen", "rejected")
@@ -103,4 +103,4 @@ def build_batches(records: list[dict], tokenizer, config, train, source: str = "
     """The worker's entry point for data kind `pair` (strict: every bad record is an error, `where` / `screen` unused)."""
     pairs = tokenize_pairs(records, tokenizer, config.model.max_seq_len, source)
     return PairBatches(pairs, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size,
-                       mask_packing(train.pack_sequences, config.model.transformer_impl))
+                       train.pack_sequences)

@@ -190,14 +190,6 @@ def item_of(sequence: dict) -> tuple[list[int], list[int]]:
     return ids[:prefix], ids[prefix:]
 
 
-def mask_packing(enabled: bool, transformer_impl: str) -> bool:
-    """Whether packing configured `enabled` applies to a model of `model.transformer_impl`: only where the
-    core attention takes an arbitrary mask (the SDPA path of the local spec, not Transformer Engine's)."""
-    from stepwise.models.builder import te_in_use
-
-    return enabled and not te_in_use(transformer_impl)
-
-
 class RowPacker:
     """`pack_rows` of a global batch, kept for the last one asked (`tokens` and `micro_batches` ask for
     the same global batch in turn); None when a group does not fit the budget (the caller then

@@ -4,7 +4,7 @@ A sequence is prompt + response + eos; targets are the response tokens and the e
 form carries `response_ids` instead (the exact sampled ids, ending in eos: `tasks.steps.target_ids`),
 used as they are. The global normaliser is the number of target tokens in the whole global batch.
 
-With `train.pack_sequences` (where the attention takes a mask) a global batch is packed
+With `train.pack_sequences` (the default) a global batch is packed
 (`stepwise.train.prefix_packing`): rows as long as the batch's longest sample padded (at most
 `model.max_seq_len`) each hold several samples, filled first-fit, each sample attending to itself
 only, at its own positions (samples of one prompt in a row share it, as exact); a micro-batch stacks
@@ -18,7 +18,7 @@ import torch
 
 from stepwise.data.records import RecordScreen, token_form, token_ids
 from stepwise.train.batches import SequenceBatches, collate_sft, split_micro_batches, too_long
-from stepwise.train.prefix_packing import RowPacker, builder_micro_batches, item_of, mask_packing, row_length
+from stepwise.train.prefix_packing import RowPacker, builder_micro_batches, item_of, row_length
 
 
 def tokenize_sft(records: list[dict], tokenizer, max_seq_len: int, source: str = "data", *,
@@ -80,4 +80,4 @@ def build_batches(records: list[dict], tokenizer, config, train, source: str = "
     """The worker's entry point for data kind `sft`."""
     sequences = tokenize_sft(records, tokenizer, config.model.max_seq_len, source, where=where, screen=screen)
     return SFTBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size,
-                      mask_packing(train.pack_sequences, config.model.transformer_impl))
+                      train.pack_sequences)

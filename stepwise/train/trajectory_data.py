@@ -15,7 +15,7 @@ plus [B, S] tensors `behaviour_logp`, `ref_logp`, `rewards` aligned with `labels
 the numbers of token t+1, whose state s_h is tokens 0..t, so the model's value at position t is V(s_h).
 The normaliser is the number of trajectories in the global batch.
 
-With `train.pack_sequences` (where the attention takes a mask) a global batch is packed as `sft_data`
+With `train.pack_sequences` (the default) a global batch is packed as `sft_data`
 describes; the per-token tensors are then laid out like the packed `loss_mask` ([trajectories, rows x
 S], trajectory k's numbers at its own targets, in the order of the records), so a loss reading them
 with log-probs and values as `prefix_packing.flat_rows` lays them out sees each trajectory as unpacked.
@@ -27,7 +27,7 @@ import torch
 from stepwise.data.jsonl import DataError, _check_field
 from stepwise.data.records import token_ids
 from stepwise.train.batches import collate_sft, split_micro_batches
-from stepwise.train.prefix_packing import builder_micro_batches, mask_packing, segment_values
+from stepwise.train.prefix_packing import builder_micro_batches, segment_values
 from stepwise.train.sft_data import SFTBatches
 
 TOKEN_KEYS = ("behaviour_logp", "ref_logp", "rewards")
@@ -109,4 +109,4 @@ def build_batches(records: list[dict], tokenizer, config, train, source: str = "
     """The worker's entry point for data kind `trajectory` (strict: every bad record is an error, `where` / `screen` unused)."""
     sequences = tokenize_trajectories(records, tokenizer, config.model.max_seq_len, source)
     return TrajectoryBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size,
-                             mask_packing(train.pack_sequences, config.model.transformer_impl))
+                             train.pack_sequences)

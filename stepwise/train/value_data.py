@@ -177,13 +177,6 @@ class ValueBatches(SequenceBatches):
 def build_batches(records: list[dict], tokenizer, config, train, source: str = "data", *, where=None,
                   screen=None) -> ValueBatches:
     """The worker's entry point for data kind `values`."""
-    from stepwise.train.prefix_packing import mask_packing
-
     sequences = tokenize_states(records, tokenizer, config.model.max_seq_len, config.skywork_dapo.separator,
                                 source=source, where=where, screen=screen)
-    batches = ValueBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
-    if batches.branched and not mask_packing(True, config.model.transformer_impl):
-        raise DataError(f"{source}: branched records (key 'branches') need an attention that takes an arbitrary "
-                        f"mask, and Transformer Engine is in use (model.transformer_impl="
-                        f"{config.model.transformer_impl}): write one record per state (critic.pack_prefixes=false)")
-    return batches
+    return ValueBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)

@@ -1,10 +1,11 @@
 """Transformer Engine on a GPU (marked `gpu`; skipped without CUDA or transformer_engine): a converted
 checkpoint loads into TE's spec with every key, TE and the local spec give the same bf16 logits on
-the same converted weights, and an FP8 step's loss matches bf16's at step 0.
+the same converted weights, an FP8 step's loss matches bf16's at step 0, and packed rows (their masks
+to SDPA, `stepwise.models.te_packed_attention`) give the unpacked gradients under TE's spec.
 
 NOT YET RUN: no GPU was lent to the task that wrote these; the CPU side of each (the TE module
-paths, the checkpoint's `_extra_state` keys, the FP8 checks) is tested in tests/unit/test_te_spec.py
-and tests/unit/test_precision.py.
+paths, the checkpoint's `_extra_state` keys, the FP8 checks, the masked dispatch) is tested in
+tests/unit/test_te_spec.py, tests/unit/test_precision.py and tests/unit/test_te_packed_attention.py.
 """
 from __future__ import annotations
 
@@ -103,3 +104,15 @@ def test_an_fp8_step_starts_at_the_bf16_loss(converted, recipe):
     [loss_bf16], [loss_fp8] = (train_losses(config, steps=1, shape=SHAPE, init=ckpt) for config in (bf16, fp8))
     assert loss_fp8 != loss_bf16  # FP8 is engaged: its GEMMs round differently
     within(f"FP8 ({recipe}) vs bf16 step-0 loss", abs(loss_fp8 - loss_bf16), fp8_loss_bound(loss_bf16))
+
+
+@pytest.mark.parametrize("case", ["skywork_dapo", "sft"])
+def test_packing_is_exact_under_te(tmp_path, monkeypatch, case):
+    """fp32, so TE's attention takes its unfused backend unpacked; TF32 off, or GEMMs of different row
+    counts would round differently (the bound is fp32's)."""
+    from tests.conftest import run_python
+    from tests.integration.test_prefix_packing import WORKER, _check
+
+    monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")  # inherited by the worker
+    run_python(WORKER, tmp_path / "te.pt", 1, 1, case, "te")
+    _check(torch.load(tmp_path / "te.pt"), f"{case} TE")

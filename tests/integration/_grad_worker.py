@@ -39,11 +39,13 @@ def cases() -> list[str]:
     return out
 
 
-def engine_for(case: str, train: TrainConfig, parallel: ParallelConfig, layout, total: int):
+def engine_for(case: str, train: TrainConfig, parallel: ParallelConfig, layout, total: int,
+               transformer_impl: str = ModelConfig.transformer_impl):
     """(plugin, engine) of a case over the TINY policy."""
     plugin = losses.get(case.removesuffix(NETWORK))
     value_arch = arch_from_hf_dict(VALUE_TINY) if case.endswith(NETWORK) else None
-    engine = build_engine(arch_from_hf_dict(TINY), ModelConfig(max_seq_len=32), parallel, train, layout, total,
+    model = ModelConfig(max_seq_len=32, transformer_impl=transformer_impl)
+    engine = build_engine(arch_from_hf_dict(TINY), model, parallel, train, layout, total,
                           kind=plugin.model_kind, value_arch=value_arch)
     return plugin, engine
 

@@ -8,7 +8,7 @@ max |score|) or None, "tokens": (packed, unpacked: `batches.tokens`), "computed"
 input positions of every DP rank's micro-batches, padding included), "rows": (packed, unpacked
 micro-batches of all DP ranks)}, each maximum taken over all ranks.
 
-    python -m torch.distributed.run --nproc-per-node=N _packing_worker.py OUT TP PP [CASE]
+    python -m torch.distributed.run --nproc-per-node=N _packing_worker.py OUT TP PP [CASE [TRANSFORMER_IMPL]]
 """
 from __future__ import annotations
 
@@ -97,10 +97,11 @@ def global_max(value: float) -> float:
     return float(tensor)
 
 
-def main(out: str, tp: int, pp: int, case: str) -> None:
+def main(out: str, tp: int, pp: int, case: str, transformer_impl: str) -> None:
     layout = init_parallel(tp, pp, seed=7)
     train = TrainConfig(loss=case.removesuffix(NETWORK), global_batch_size=8, micro_batch_size=2)
-    plugin, engine = engine_for(case, train, ParallelConfig(tp=tp, pp=pp, nproc_per_node=layout.world_size), layout, 10)
+    parallel = ParallelConfig(tp=tp, pp=pp, nproc_per_node=layout.world_size)
+    plugin, engine = engine_for(case, train, parallel, layout, 10, transformer_impl)
     loss_fn = partial(plugin.compute, plugin.parse_options({"kl_group_size": 2} if case == "kto" else {}))
     grads, scores, tokens, rows, computed = {}, {}, {}, {}, {}
     for pack in (False, True):
@@ -132,4 +133,5 @@ def main(out: str, tp: int, pp: int, case: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "skywork_dapo")
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "skywork_dapo",
+         sys.argv[5] if len(sys.argv) > 5 else "auto")

@@ -65,25 +65,3 @@ def test_a_file_mixing_both_forms_is_refused():
     sequences = tokenize_states([{"ids": [1, 2], "ends": [2], "mc": [0.0]}, branched_record([[1, 2], [1, 3]])], None, 8)
     with pytest.raises(DataError, match="mix the branched form"):
         ValueBatches(sequences, 0, 8, 2)
-
-
-def test_branched_records_are_refused_where_the_attention_takes_no_mask(monkeypatch):
-    """Under Transformer Engine the packed row's mask would be ignored: every branch would attend to the
-    branches before it. The advantage stage then writes one record per next state instead."""
-    from types import SimpleNamespace
-
-    from stepwise.train import value_data
-
-    config = SimpleNamespace(model=SimpleNamespace(max_seq_len=8, transformer_impl="te"),
-                             skywork_dapo=SimpleNamespace(separator="\n"))
-    records = [branched_record([[1, 2], [1, 3]])]
-    monkeypatch.setattr("stepwise.models.builder.te_in_use", lambda impl: impl == "te")
-    with pytest.raises(DataError, match=r"next.jsonl: branched records .*critic.pack_prefixes=false"):
-        value_data.build_batches(records, SimpleNamespace(pad_token_id=0), config, SimpleNamespace(micro_batch_size=2),
-                                 "next.jsonl")
-    flat = [value_data.state_record(ids) for ids in ([1, 2], [1, 3])]
-    assert not value_data.build_batches(flat, SimpleNamespace(pad_token_id=0), config,
-                                        SimpleNamespace(micro_batch_size=2), "next.jsonl").branched
-    config.model.transformer_impl = "local"
-    assert value_data.build_batches(records, SimpleNamespace(pad_token_id=0), config,
-                                    SimpleNamespace(micro_batch_size=2), "next.jsonl").branched

@@ -193,12 +193,11 @@ def write_next_states(ctx: StageContext, stage_name: str) -> dict:
     """(In a step, streamed.) STAGE/per_state.jsonl (each state's sampled first steps) and STAGE/next.jsonl
     (the next states the critic values: those of actions that do not end the solution), one branched
     `values` record per state (`value_data.branched_record`: their shared prefix is read once) with
-    `critic.pack_prefixes` where the attention takes a mask, else one record per next state."""
-    from stepwise.train.prefix_packing import mask_packing
+    `critic.pack_prefixes`, else one record per next state."""
     from stepwise.train.value_data import branched_record, state_record
 
     out, count, too_long, in_critic_tokens = ctx.dir(stage_name), 0, [], critic_tokens(ctx)
-    branched = mask_packing(ctx.config.critic.pack_prefixes, ctx.config.model.transformer_impl)
+    branched = ctx.config.critic.pack_prefixes
     for stale in ("next.jsonl", "kept.jsonl"):  # scores of an earlier attempt's files
         shutil.rmtree(scores_dir(out / stale), ignore_errors=True)
     with jsonl_output(out / "per_state.jsonl") as write_state, jsonl_output(out / "next.jsonl") as write_next:
