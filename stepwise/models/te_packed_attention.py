@@ -13,7 +13,8 @@ subclass: its `_extra_state`, its checkpoint keys and its FP8 state are TE's, so
 between packed and unpacked stages as before. The linears, norms and FP8 GEMMs stay TE's either way.
 
 Not run here: no GPU or Transformer Engine was lent to this task (benchmarks/RESULTS.md). The dispatch
-and the masked path run in tests/unit/test_te_packed_attention.py over a stand-in TE class;
+and the masked path run over a stand-in TE class (tests/te_stand_in.py), alone in
+tests/unit/test_te_packed_attention.py and in a whole model in tests/integration/test_prefix_packing.py;
 tests/gpu/test_te.py checks packed against unpacked gradients on TE.
 """
 from __future__ import annotations

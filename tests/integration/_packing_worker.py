@@ -6,9 +6,13 @@ separate value network), or `kto` (`labelled`
 batches packed per micro-batch, KL groups of 2). Saves from rank 0 {"gradient": (observed max |diff|, max |grad|), "score": (max |diff|,
 max |score|) or None, "tokens": (packed, unpacked: `batches.tokens`), "computed": (packed, unpacked:
 input positions of every DP rank's micro-batches, padding included), "rows": (packed, unpacked
-micro-batches of all DP ranks)}, each maximum taken over all ranks.
+micro-batches of all DP ranks), "core_attention": the first layer's core-attention class}, each
+maximum taken over all ranks.
 
     python -m torch.distributed.run --nproc-per-node=N _packing_worker.py OUT TP PP [CASE [TRANSFORMER_IMPL]]
+
+TRANSFORMER_IMPL is `model.transformer_impl`, or `te-stand-in`: the local spec with the core attention
+of TE's spec (`tests/te_stand_in.py`), for CPU.
 """
 from __future__ import annotations
 
@@ -98,6 +102,11 @@ def global_max(value: float) -> float:
 
 
 def main(out: str, tp: int, pp: int, case: str, transformer_impl: str) -> None:
+    if transformer_impl == "te-stand-in":  # CPU: TE's core-attention dispatch in the local spec
+        from stepwise.models import builder
+        from tests.te_stand_in import stand_in_te_spec
+
+        builder.layer_spec, transformer_impl = stand_in_te_spec(builder.layer_spec), "local"
     layout = init_parallel(tp, pp, seed=7)
     train = TrainConfig(loss=case.removesuffix(NETWORK), global_batch_size=8, micro_batch_size=2)
     parallel = ParallelConfig(tp=tp, pp=pp, nproc_per_node=layout.world_size)
@@ -127,7 +136,8 @@ def main(out: str, tp: int, pp: int, case: str, transformer_impl: str) -> None:
     result = {"gradient": (global_max(gradient), global_max(scale)), "score": score,
               "tokens": (tokens[True], tokens[False]), "rows": (rows[True], rows[False]),
               "computed": (computed[True], computed[False]),
-              "scores": len(scores[False]) if scores and layout.is_last_stage else -1}
+              "scores": len(scores[False]) if scores and layout.is_last_stage else -1,
+              "core_attention": type(engine.model.module.decoder.layers[0].self_attention.core_attention).__name__}
     if dist.get_rank() == 0:
         torch.save(result, out)
 

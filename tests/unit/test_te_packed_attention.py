@@ -10,21 +10,7 @@ import torch
 
 from stepwise.models.attention import core_attention
 from stepwise.models.te_packed_attention import take_masks, with_masked_sdpa
-
-
-class StandInTEAttention(torch.nn.Module):
-    """TEDotProductAttention's constructor and forward signature; causal only, ignoring any mask (as TE's
-    fused backends do under megatron's causal mask type), and counting its calls."""
-
-    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
-                 softmax_scale=None, cp_comm_type="p2p", pg_collection=None):
-        super().__init__()
-        self.config, self.calls = config, 0
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        self.calls += 1
-        return core_attention(query, key, value, None, 0.0, None)
+from tests.te_stand_in import StandInTEAttention
 
 
 def build(softmax_scale=None):
