@@ -126,7 +126,7 @@ class TrainConfig:
     pack_prefixes: bool = True  # `action` batches: each state's prefix once, its actions after it, rows filled to
     # model.max_seq_len tokens; in the critic section, the advantage stage's next states of a state as one branched
     # record (exact; under Transformer Engine the masked rows go to SDPA: stepwise.models.te_packed_attention)
-    pack_sequences: bool = True  # `sft`, `pair`, `labelled` and `trajectory` batches: several samples per row of
+    pack_sequences: bool = True  # `sft`, `pair`, `labelled`, `trajectory` and `values` batches: several samples per row of
     # the longest sample's padded length, up to micro_batch_size rows a micro-batch, block-diagonal attention,
     # positions restarting per sample (exact; under Transformer Engine as above). Faster on CPU at
     # every shape measured (benchmarks/RESULTS.md, 2026-12-02: step x0.77-0.93 of unpacked on mixed-length

@@ -20,6 +20,7 @@ from stepwise.data.jsonl import DataError, _check_field
 from stepwise.data.records import RecordScreen, token_form, token_ids
 from stepwise.train.batches import SequenceBatches, pad_length, split_micro_batches, too_long
 from stepwise.train.branch_packing import collate_branch_row, pack_branches, row_length
+from stepwise.train.value_packing import collate_solution_rows, pack_solutions
 
 
 def _text_states(record: dict, tokenizer, separator: str) -> tuple[list[int], list[int]]:
@@ -136,19 +137,26 @@ def collate_values(sequences: list[dict], length: int, pad_id: int) -> dict[str,
 
 
 class ValueBatches(SequenceBatches):
-    """This DP rank's micro-batches of a global batch of solution records (normaliser: states). Of
-    branched records: packed rows of `max_seq_len` tokens, one per micro-batch, the global batch's rows
-    dealt to the DP ranks in contiguous runs (an empty rank gets a row with no values), all padded to
-    one length as pipeline schedules need."""
+    """This DP rank's micro-batches of a global batch of solution records (normaliser: states); with
+    `pack`, several solutions to a row (`stepwise.train.value_packing`), up to `micro_batch_size` rows
+    to a micro-batch. Of branched records: packed rows of `max_seq_len` tokens, one per micro-batch.
+    Packed rows of a global batch are dealt to the DP ranks in contiguous runs (an empty rank gets a
+    row with no values), all padded to one length as pipeline schedules need."""
 
     label_shift = 0  # values are read at token positions, not next-token labels
 
-    def __init__(self, sequences: list[dict], pad_id: int, max_seq_len: int, micro_batch_size: int):
+    def __init__(self, sequences: list[dict], pad_id: int, max_seq_len: int, micro_batch_size: int,
+                 pack: bool = False):
         super().__init__(sequences, pad_id, max_seq_len, micro_batch_size)
         forms = {"branches" in s for s in sequences}
         if len(forms) > 1:
             raise DataError("values records mix the branched form (key 'branches') with solutions (key 'ends')")
         self.branched = forms == {True}
+        self.pack = pack and not self.branched  # branched records are always packed, their own way
+
+    def _solution_rows(self, chosen: list[dict]) -> tuple[list[list[dict]], int]:
+        length = self.length(chosen)
+        return pack_solutions(chosen, length), length
 
     def tokens(self, indices: list[int]) -> int:
         if self.branched:
@@ -159,6 +167,9 @@ class ValueBatches(SequenceBatches):
         """How many micro-batches `micro_batches(indices, 0, 1)` gives, without building them."""
         if self.branched:
             return len(pack_branches([self.sequences[i] for i in indices], self.max_seq_len))
+        if self.pack:
+            rows = self._solution_rows([self.sequences[i] for i in indices])[0]
+            return -(-len(rows) // self.micro_batch_size)
         return -(-len(indices) // self.micro_batch_size)
 
     def micro_batches(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
@@ -169,6 +180,12 @@ class ValueBatches(SequenceBatches):
             length = pad_length([max(1, row_length(row)) for row in rows] or [1], self.max_seq_len, self.length_multiple)
             mine = rows[dp_rank * len(rows) // dp_size : (dp_rank + 1) * len(rows) // dp_size] or [[]]
             return [{**collate_branch_row(row, length, self.pad_id), "normalizer": normalizer} for row in mine]
+        if self.pack:
+            rows, length = self._solution_rows(chosen)
+            mine = rows[dp_rank * len(rows) // dp_size : (dp_rank + 1) * len(rows) // dp_size] or [[]]
+            size = self.micro_batch_size
+            return [{**collate_solution_rows(mine[start : start + size], length, self.pad_id), "normalizer": normalizer}
+                    for start in range(0, len(mine), size)]
         batch = collate_values(self.mine(indices, dp_rank, dp_size), self.length(chosen), self.pad_id)
         batch["normalizer"] = normalizer
         return split_micro_batches(batch, self.micro_batch_size)
@@ -179,4 +196,5 @@ def build_batches(records: list[dict], tokenizer, config, train, source: str = "
     """The worker's entry point for data kind `values`."""
     sequences = tokenize_states(records, tokenizer, config.model.max_seq_len, config.skywork_dapo.separator,
                                 source=source, where=where, screen=screen)
-    return ValueBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size)
+    return ValueBatches(sequences, tokenizer.pad_token_id, config.model.max_seq_len, train.micro_batch_size,
+                        train.pack_sequences)

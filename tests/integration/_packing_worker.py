@@ -1,6 +1,7 @@
 """Worker: gradients of one fixed global batch, packed and unpacked, on one model at TP x PP, for a
 CASE: `skywork_dapo` (state-wise `action` batch, shared-prefix packed; also the `policy` scores, summed
-action log-probs as the advantage stage stores them), `sft`, `dpo`, or `dqo` / `dro` (sequence-packed
+action log-probs as the advantage stage stores them), `critic_bce` (sequence-packed `values` batches of
+solutions; also the critic's values), `sft`, `dpo`, or `dqo` / `dro` (sequence-packed
 `sft` / `pair` / `trajectory` batches; dqo and dro on a policy with a value head, `dqo+network` with a
 separate value network), or `kto` (`labelled`
 batches packed per micro-batch, KL groups of 2). Saves from rank 0 {"gradient": (observed max |diff|, max |grad|), "score": (max |diff|,
@@ -30,6 +31,7 @@ from stepwise.train.pair_data import PairBatches
 from stepwise.train.sft_data import SFTBatches
 from stepwise.train.score import _score_batches
 from stepwise.train.trajectory_data import TrajectoryBatches
+from stepwise.train.value_data import ValueBatches
 from tests.integration._grad_worker import NETWORK, TINY, engine_for, random_sequences
 
 MAX_SEQ_LEN = 32  # engine_for's ModelConfig: the packed row budget
@@ -79,6 +81,20 @@ def trajectory_records(seed: int = 6) -> list[dict]:
     return records
 
 
+def solution_records(seed: int = 8) -> list[dict]:
+    """8 token-form critic records (after `value_data.tokenize_states`): 4..20 tokens, 1..4 states read
+    at increasing positions (the last at the last token), random MC targets in [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    records = []
+    for _ in range(8):
+        n = int(torch.randint(4, 21, (1,), generator=generator))
+        states = int(torch.randint(1, 5, (1,), generator=generator))
+        reads = sorted(set(torch.randint(0, n - 1, (states - 1,), generator=generator).tolist())) + [n - 1]
+        records.append({"ids": torch.randint(1, 40, (n,), generator=generator).tolist(), "positions": reads,
+                        "targets": torch.rand(len(reads), generator=generator).tolist()})
+    return records
+
+
 def batches_of(case: str, micro_batch_size: int, pack: bool):
     """The case's batch object over its fixed samples, packed or not (row budget MAX_SEQ_LEN)."""
     if case == "skywork_dapo":
@@ -89,6 +105,8 @@ def batches_of(case: str, micro_batch_size: int, pack: bool):
         return PairBatches(pair_records(), 0, MAX_SEQ_LEN, micro_batch_size, pack=pack)
     if case in ("dqo", "dro", "dqo" + NETWORK):
         return TrajectoryBatches(trajectory_records(), 0, MAX_SEQ_LEN, micro_batch_size, pack=pack)
+    if case == "critic_bce":
+        return ValueBatches(solution_records(), 0, MAX_SEQ_LEN, micro_batch_size, pack=pack)
     if case == "kto":
         records = [{**r, "desirable": k % 3 != 0, "ref_logp": -30.0 + k} for k, r in enumerate(random_sequences(8, 4))]
         return LabelledBatches(records, 0, MAX_SEQ_LEN, micro_batch_size, pack=pack)
@@ -120,9 +138,11 @@ def main(out: str, tp: int, pp: int, case: str, transformer_impl: str) -> None:
         assert pack == ("attention_mask" in micro[0]), f"{case}: pack={pack} but the micro-batches disagree"
         engine.forward_backward(micro, loss_fn)
         grads[pack] = {name: p.main_grad.detach().clone() for name, p in engine.model.module.named_parameters()}
-        if case == "skywork_dapo":
+        if case in ("skywork_dapo", "critic_bce"):  # the policy's action scores, the critic's values
             engine.model.eval()
-            scores[pack] = torch.tensor(_score_batches(engine.model, micro, "policy", TINY["vocab_size"], layout.device))
+            kind = "policy" if case == "skywork_dapo" else "critic"
+            read = _score_batches(engine.model, micro, kind, TINY["vocab_size"], layout.device)
+            scores[pack] = torch.tensor([value for row in read for value in row])
         every_rank = [m for r in range(layout.dp) for m in batches.micro_batches(indices, r, layout.dp)]
         tokens[pack], rows[pack] = batches.tokens(indices), len(every_rank)
         computed[pack] = sum(m["input_ids"].numel() for m in every_rank)

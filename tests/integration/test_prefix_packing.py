@@ -1,6 +1,7 @@
 """Packing is exact: `skywork_dapo` gradients and the advantage stage's `policy` scores (summed action
-log-probs) of one state-wise global batch (shared-prefix packed), and `sft` / `dpo` / `kto` / `dqo` /
-`dro` gradients of one sequence-packed global batch, agree packed and unpacked within the fp32 reordering bound of
+log-probs) of one state-wise global batch (shared-prefix packed), `sft` / `dpo` / `kto` / `dqo` / `dro`
+gradients and `critic_bce` gradients and values of one sequence-packed global batch, agree packed and
+unpacked within the fp32 reordering bound of
 tests/tolerance.py, at TP 1, TP 2 and PP 2. Each prints its tokens per global batch packed vs unpacked."""
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _check(result: dict, what: str) -> None:
     if result["score"] is not None:
         observed, scale = result["score"]
         assert scale > 0
-        within(f"policy scores packed vs unpacked, {what}", observed, output_bound(scale, TINY, unpacked_tokens))
+        within(f"scores packed vs unpacked, {what}", observed, output_bound(scale, TINY, unpacked_tokens))
 
 
 def test_packing_is_exact_at_tp1(tmp_path):
@@ -39,7 +40,7 @@ def test_packing_is_exact_at_tp1(tmp_path):
     _check(result, "skywork_dapo TP 1")
 
 
-@pytest.mark.parametrize("case", ["sft", "dpo", "kto", "dqo", "dro", "dqo+network"])
+@pytest.mark.parametrize("case", ["sft", "dpo", "kto", "dqo", "dro", "dqo+network", "critic_bce"])
 def test_sequence_packing_is_exact_at_tp1(tmp_path, case):
     run_python(WORKER, tmp_path / "tp1.pt", 1, 1, case)
     result = torch.load(tmp_path / "tp1.pt")
@@ -63,7 +64,7 @@ def test_packing_is_exact_through_the_te_spec_s_core_attention(tmp_path, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["skywork_dapo", "sft", "dpo", "kto", "dqo"])  # dro: dqo's batches
+@pytest.mark.parametrize("case", ["skywork_dapo", "sft", "dpo", "kto", "dqo", "critic_bce"])  # dro: dqo's batches
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_packing_is_exact_at_tp2_and_pp2(tmp_path, tp, pp, case):
     run_torchrun(2, WORKER, tmp_path / "out.pt", tp, pp, case)
