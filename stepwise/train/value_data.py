@@ -154,9 +154,14 @@ class ValueBatches(SequenceBatches):
         self.branched = forms == {True}
         self.pack = pack and not self.branched  # branched records are always packed, their own way
 
-    def _solution_rows(self, chosen: list[dict]) -> tuple[list[list[dict]], int]:
+    def _solution_rows(self, chosen: list[dict]) -> tuple[list[list[dict]], int] | None:
+        """(rows, padded length) of a packed global batch; None unpacked, or where packing would leave each
+        row one solution (the unpacked form is then the same rows without a mask: causal attention)."""
+        if not self.pack:
+            return None
         length = self.length(chosen)
-        return pack_solutions(chosen, length), length
+        rows = pack_solutions(chosen, length)
+        return (rows, length) if len(rows) < len(chosen) else None
 
     def tokens(self, indices: list[int]) -> int:
         if self.branched:
@@ -167,10 +172,8 @@ class ValueBatches(SequenceBatches):
         """How many micro-batches `micro_batches(indices, 0, 1)` gives, without building them."""
         if self.branched:
             return len(pack_branches([self.sequences[i] for i in indices], self.max_seq_len))
-        if self.pack:
-            rows = self._solution_rows([self.sequences[i] for i in indices])[0]
-            return -(-len(rows) // self.micro_batch_size)
-        return -(-len(indices) // self.micro_batch_size)
+        packed = self._solution_rows([self.sequences[i] for i in indices])
+        return -(-len(packed[0] if packed else indices) // self.micro_batch_size)
 
     def micro_batches(self, indices: list[int], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
         chosen = [self.sequences[i] for i in indices]
@@ -180,8 +183,9 @@ class ValueBatches(SequenceBatches):
             length = pad_length([max(1, row_length(row)) for row in rows] or [1], self.max_seq_len, self.length_multiple)
             mine = rows[dp_rank * len(rows) // dp_size : (dp_rank + 1) * len(rows) // dp_size] or [[]]
             return [{**collate_branch_row(row, length, self.pad_id), "normalizer": normalizer} for row in mine]
-        if self.pack:
-            rows, length = self._solution_rows(chosen)
+        packed = self._solution_rows(chosen)
+        if packed:
+            rows, length = packed
             mine = rows[dp_rank * len(rows) // dp_size : (dp_rank + 1) * len(rows) // dp_size] or [[]]
             size = self.micro_batch_size
             return [{**collate_solution_rows(mine[start : start + size], length, self.pad_id), "normalizer": normalizer}

@@ -60,3 +60,14 @@ def test_dp_ranks_get_disjoint_rows_and_an_empty_rank_a_row_without_values():
     values = [int(b["value_mask"].sum()) for rank in per_rank for b in rank]
     assert sum(values) == sum(len(r["targets"]) for r in records)
     assert 0 in values  # two rows over four ranks: the others get an empty row
+
+
+def test_a_batch_no_two_solutions_of_which_share_a_row_stays_unpacked():
+    """Rows of one solution each: the unpacked micro-batches, no mask (causal attention, TE's fused kernel)."""
+    records = solutions([7, 6, 8])
+    packed = ValueBatches(records, 0, 16, micro_batch_size=2, pack=True)
+    unpacked = ValueBatches(records, 0, 16, micro_batch_size=2)
+    for a, b in zip(packed.micro_batches([0, 1, 2], 0, 1), unpacked.micro_batches([0, 1, 2], 0, 1), strict=True):
+        assert a.keys() == b.keys() and "attention_mask" not in a
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    assert packed.micro_batch_count([0, 1, 2]) == 2
