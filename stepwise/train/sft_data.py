@@ -52,9 +52,12 @@ class SFTBatches(SequenceBatches):
         self._packer = RowPacker(max_seq_len, fit_longest=True)
 
     def packed_rows(self, indices: list[int]) -> list | None:
-        """The packed rows of a global batch (None: a sample does not fit, collate it unpacked)."""
-        return self._packer.rows(tuple(indices), lambda: ([item_of(self.sequences[i]) for i in indices], None),
+        """The packed rows of a global batch; None (collate it unpacked) when a sample does not fit, or
+        when every row would hold one sample: the unpacked rows then, without a mask (causal attention,
+        TE's fused kernel on a GPU)."""
+        rows = self._packer.rows(tuple(indices), lambda: ([item_of(self.sequences[i]) for i in indices], None),
                                  self.length_multiple)
+        return rows if rows is not None and len(rows) < len(indices) else None
 
     def tokens(self, indices: list[int]) -> int:
         rows = self.packed_rows(indices) if self.pack else None

@@ -70,6 +70,18 @@ def test_packed_sft_micro_batches_stack_rows_of_the_longest_sample_and_keep_sums
     assert torch.allclose(per_sample(ranks[0] + ranks[1]), per_sample(plain), rtol=1e-6, atol=0)
 
 
+def test_a_batch_no_two_samples_of_which_share_a_row_stays_unpacked():
+    """Samples too long to pair up (inputs 12, 10, 11 in rows of 16): the unpacked micro-batches, no mask
+    (causal attention; TE's fused kernel on a GPU)."""
+    data = sequences((12, 10, 11))
+    packed = SFTBatches(data, 0, 32, 2, pack=True)
+    assert packed.packed_rows([0, 1, 2]) is None
+    plain = SFTBatches(data, 0, 32, 2).micro_batches([0, 1, 2], 0, 1)
+    for a, b in zip(packed.micro_batches([0, 1, 2], 0, 1), plain, strict=True):
+        assert a.keys() == b.keys() and "attention_mask" not in a
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def pairs() -> list[dict]:
     out = []
     for k, s in enumerate(sequences((4, 5, 6, 7, 8))):
