@@ -227,15 +227,21 @@ def _group_lengths(items: list[tuple[list[int], list[int]]], group_sizes: list[i
     return [_added_length([], segments, range(a, b)) for a, b in zip(starts, starts[1:])]
 
 
+def stacked_rank_rows(rows: list[list], dp_rank: int, dp_size: int, rows_per_micro_batch: int,
+                      collate: Callable[[list[list]], dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """This DP rank's micro-batches of a global batch's packed `rows` (of any packing): a contiguous run
+    of them (an empty rank gets one empty row), `collate`d `rows_per_micro_batch` at a time."""
+    mine = rows[dp_rank * len(rows) // dp_size : (dp_rank + 1) * len(rows) // dp_size] or [[]]
+    return [collate(mine[start : start + rows_per_micro_batch]) for start in range(0, len(mine), rows_per_micro_batch)]
+
+
 def rank_rows(rows: list[list[Block]], dp_rank: int, dp_size: int, pad_id: int, max_seq_len: int,
               multiple: int = LENGTH_MULTIPLE, rows_per_micro_batch: int = 1) -> list[dict[str, torch.Tensor]]:
-    """This DP rank's micro-batches of a global batch's `rows`: a contiguous run of them (an empty rank
-    gets one row without segments), each collated (`collate_rows`, with `items`) at the length every
-    rank pads to, as pipeline schedules need, and stacked `rows_per_micro_batch` to a micro-batch."""
+    """`stacked_rank_rows` of shared-prefix rows, each collated (`collate_rows`, with `items`; an empty
+    row without segments) at the length every rank pads to, as pipeline schedules need."""
     length = pad_length([max(2, row_length(row)) for row in rows] or [2], max_seq_len, multiple)
-    mine = rows[dp_rank * len(rows) // dp_size : (dp_rank + 1) * len(rows) // dp_size] or [[]]
-    return [collate_rows(mine[start : start + rows_per_micro_batch], length, pad_id)
-            for start in range(0, len(mine), rows_per_micro_batch)]
+    return stacked_rank_rows(rows, dp_rank, dp_size, rows_per_micro_batch,
+                             lambda chunk: collate_rows(chunk, length, pad_id))
 
 
 def builder_micro_batches(builder, rows: list[list[Block]], dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:

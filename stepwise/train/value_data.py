@@ -20,6 +20,7 @@ from stepwise.data.jsonl import DataError, _check_field
 from stepwise.data.records import RecordScreen, token_form, token_ids
 from stepwise.train.batches import SequenceBatches, pad_length, split_micro_batches, too_long
 from stepwise.train.branch_packing import collate_branch_row, pack_branches, row_length
+from stepwise.train.prefix_packing import stacked_rank_rows
 from stepwise.train.value_packing import collate_solution_rows, pack_solutions
 
 
@@ -181,15 +182,13 @@ class ValueBatches(SequenceBatches):
         if self.branched:
             rows = pack_branches(chosen, self.max_seq_len)
             length = pad_length([max(1, row_length(row)) for row in rows] or [1], self.max_seq_len, self.length_multiple)
-            mine = rows[dp_rank * len(rows) // dp_size : (dp_rank + 1) * len(rows) // dp_size] or [[]]
-            return [{**collate_branch_row(row, length, self.pad_id), "normalizer": normalizer} for row in mine]
+            return stacked_rank_rows(rows, dp_rank, dp_size, 1, lambda chunk: {
+                **collate_branch_row(chunk[0], length, self.pad_id), "normalizer": normalizer})
         packed = self._solution_rows(chosen)
         if packed:
             rows, length = packed
-            mine = rows[dp_rank * len(rows) // dp_size : (dp_rank + 1) * len(rows) // dp_size] or [[]]
-            size = self.micro_batch_size
-            return [{**collate_solution_rows(mine[start : start + size], length, self.pad_id), "normalizer": normalizer}
-                    for start in range(0, len(mine), size)]
+            return stacked_rank_rows(rows, dp_rank, dp_size, self.micro_batch_size, lambda chunk: {
+                **collate_solution_rows(chunk, length, self.pad_id), "normalizer": normalizer})
         batch = collate_values(self.mine(indices, dp_rank, dp_size), self.length(chosen), self.pad_id)
         batch["normalizer"] = normalizer
         return split_micro_batches(batch, self.micro_batch_size)
