@@ -2,8 +2,8 @@
 
 The layer spec follows `model.transformer_impl` (`stepwise.models.precision`): Transformer Engine's
 (`stepwise.models.te_spec`; FP8 then follows `fp8.enabled`, checked against the GPU) or megatron's local
-spec with the SDPA core attention and (SiLU-gated models) `stepwise.models.swiglu`; `auto` takes TE
-when it imports and CUDA is present.
+spec with the SDPA core attention and (SiLU-gated models) `stepwise.models.swiglu`'s fc1 and gate;
+`auto` takes TE when it imports and CUDA is present.
 The vocabulary is padded to a multiple of `make_vocab_size_divisible_by x TP`; the padded rows
 never receive probability: `stepwise.train.logprobs` masks them. Family numerics (GeGLU, Gemma's
 (1 + w) norms and scaled embeddings, llama3 rope frequencies) come from `stepwise.models.variants`.
@@ -19,7 +19,7 @@ from stepwise.config.schema import FP8Config, ModelConfig
 from stepwise.models import variants
 from stepwise.models.attention import SDPAttention
 from stepwise.models.rope_positions import follow_position_ids, lean_unfused_rope
-from stepwise.models.swiglu import SwiGLU
+from stepwise.models.swiglu import AlreadyActivated, SwiGLU, SwiGLULinear
 from stepwise.models.hf_config import ModelArch
 from stepwise.models.hidden_output import hand_back_hidden_states
 from stepwise.models.precision import fp8_problem, resolve_transformer_impl
@@ -140,7 +140,11 @@ def layer_spec(options: EngineOptions, config=None):
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if config is not None and config.use_te_activation_func:
-        spec.submodules.mlp.submodules.activation_func = SwiGLU
+        mlp = spec.submodules.mlp.submodules
+        if config.sequence_parallel:
+            mlp.activation_func = SwiGLU
+        else:
+            mlp.linear_fc1, mlp.activation_func = SwiGLULinear, AlreadyActivated
     if config is None or not config.layernorm_zero_centered_gamma:
         return spec
     from megatron.core.transformer.spec_utils import ModuleSpec
