@@ -1,11 +1,13 @@
 """Tokens/s of one SFT step: the stepwise megatron engine vs a plain transformers training step.
 
 Same Qwen2 shape, batch, dtype and optimizer (Adam, grad clipping) in one process, measured in
-alternating rounds so machine noise hits both alike. Prints both rates and engine/transformers.
+alternating rounds (which goes first alternates too) so machine noise hits both alike. Prints both rates
+and engine/transformers: the median over rounds of each round's ratio (a ratio of neighbours in time, so
+slow drifts of the machine cancel), with its quartiles.
 With `--cpu-time` both run on one thread and are timed by the process's CPU time, which other work on
 a shared machine disturbs far less than wall-clock time (a few-percent difference needs it).
 
-    python benchmarks/train_step.py [--hidden 256 --layers 4 --seq 128 --batch 16 --rounds 5 --steps 4] [--cpu-time]
+    python benchmarks/train_step.py [--hidden 256 --layers 4 --seq 128 --batch 16 --rounds 12 --steps 2] [--cpu-time]
 """
 from __future__ import annotations
 
@@ -103,7 +105,7 @@ def timed(step, steps: int, clock=time.perf_counter) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in (("vocab", 1024), ("hidden", 256), ("layers", 4), ("heads", 8), ("kv_heads", 4),
-                          ("seq", 128), ("batch", 16), ("rounds", 5), ("steps", 4)):
+                          ("seq", 128), ("batch", 16), ("rounds", 12), ("steps", 2)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--cpu-time", action="store_true", help="one thread, timed by process CPU time")
@@ -119,9 +121,10 @@ def main() -> None:
     reference = transformers_step(shape(args), args.batch, args.seq, getattr(torch, dtype))
     engine(), reference()  # warm-up
     engine_times, reference_times = [], []
-    for _ in range(args.rounds):
-        engine_times.append(timed(engine, args.steps, clock))
-        reference_times.append(timed(reference, args.steps, clock))
+    for round_number in range(args.rounds):
+        for step, times in ((engine, engine_times), (reference, reference_times))[::1 if round_number % 2 else -1]:
+            times.append(timed(step, args.steps, clock))
+    ratios = [ours / theirs for ours, theirs in zip(engine_times, reference_times)]
     tokens = args.batch * args.seq
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads",
@@ -131,7 +134,9 @@ def main() -> None:
         "engine_tokens_per_s": tokens / statistics.median(engine_times),
         "transformers_tokens_per_s": tokens / statistics.median(reference_times),
     }
-    result["engine_time_over_transformers_time"] = statistics.median(engine_times) / statistics.median(reference_times)
+    result["engine_time_over_transformers_time"] = statistics.median(ratios)
+    quartiles = statistics.quantiles(ratios, n=4)
+    result["ratio_quartiles"] = [quartiles[0], quartiles[2]]
     print(json.dumps(result, indent=2))
 
 
