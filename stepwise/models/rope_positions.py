@@ -10,10 +10,13 @@ B times less cos/sin work, the same broadcast values). The table's rows are comp
 so plain 0..S-1 ids give bitwise the same rotation as before. megatron's fused rope (TE,
 `apply_rope_fusion`) expects [S, 1, 1, D]; the builder keeps it off.
 
-`lean_unfused_rope` replaces megatron's unfused bshd rope with the same arithmetic, minus two costs:
+`lean_unfused_rope` replaces megatron's unfused bshd rope with the same arithmetic, minus these costs:
 cos/sin of the frequencies are computed once per forward (megatron: per layer, for query and key),
 and a rotation over the whole head dimension skips megatron's split and re-concatenation (a copy
-forward, a zero-filled copy backward). Partial rotation and multi-latent attention go to megatron's.
+forward, a zero-filled copy backward). On CPU (`_BatchMajorRope`) the rotation is written straight into
+the batch-major memory the SDPA core attention reads (`attention.batch_major`: then no copy), and its
+backward without rotate_half's concatenations and full-width temporaries (bitwise the same values). Partial rotation,
+interleaved rotation and multi-latent attention go to megatron's.
 """
 from __future__ import annotations
 
@@ -66,6 +69,30 @@ def cos_sin(freqs: torch.Tensor, mscale: float, dtype: torch.dtype) -> tuple[tor
     return _COS_SIN[key][1:]
 
 
+class _BatchMajorRope(torch.autograd.Function):
+    """t * cos + rotate_half(t) * sin for t [s, b, h, d] (rotate_half(t) = [-t2, t1] over halves of d),
+    returned as the [s, b, h, d] view of a new [b, s, h, d] tensor."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = t.shape[-1] // 2
+        out = t.new_empty(t.shape[1], t.shape[0], *t.shape[2:]).transpose(0, 1)
+        torch.mul(t, cos, out=out)  # products rounded before the sums, as megatron's: bitwise its values
+        out[..., :half].sub_(t[..., half:] * sin[..., :half])
+        out[..., half:].add_(t[..., :half] * sin[..., half:])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        grad_t = grad * cos
+        grad_t[..., :half].add_(grad[..., half:] * sin[..., half:])
+        grad_t[..., half:].sub_(grad[..., :half] * sin[..., :half])
+        return grad_t, None, None
+
+
 def lean_unfused_rope() -> None:
     """Install the lean bshd rope into megatron's rope_utils (idempotent; process-wide)."""
     from megatron.core.models.common.embeddings import rope_utils
@@ -79,6 +106,8 @@ def lean_unfused_rope() -> None:
             return megatron_bshd(t, freqs, rotary_interleaved=rotary_interleaved,
                                  multi_latent_attention=multi_latent_attention, mscale=mscale)
         cos, sin = cos_sin(freqs, mscale, t.dtype)
+        if not t.is_cuda and not rotary_interleaved:
+            return _BatchMajorRope.apply(t, cos, sin)
         return (t * cos) + (rope_utils._rotate_half(t, rotary_interleaved) * sin)
 
     lean_bshd.is_lean, lean_bshd.megatron = True, megatron_bshd

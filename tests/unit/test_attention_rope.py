@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from stepwise.models.attention import sdpa
+from stepwise.models.attention import batch_major, sdpa
 from stepwise.models.rope_positions import cos_sin, gather_rotary, lean_unfused_rope, rotary_at_positions
 
 
@@ -55,15 +55,19 @@ def test_lean_rope_is_bitwise_megatrons():
     generator = torch.Generator().manual_seed(1)
     for freqs in (torch.randn(5, 1, 1, 8, generator=generator), torch.randn(5, 3, 1, 8, generator=generator)):
         for partial in (False, True):
-            t = torch.randn(5, 3, 2, 12 if partial else 8, generator=generator)
-            grad_out = torch.randn(t.shape, generator=generator)
+            width = 12 if partial else 8
+            fused = torch.randn(5, 3, 2, 2 * width, generator=generator)  # t is a strided split of it, as a query is
+            grad_out = torch.randn(5, 3, 2, width, generator=generator)
             results = []
             for rope in (reference, lean):
-                x = t.clone().requires_grad_(True)
-                out = rope(x, freqs, rotary_interleaved=False, mscale=1.5)
+                x = fused.clone().requires_grad_(True)
+                out = rope(x[..., :width], freqs, rotary_interleaved=False, mscale=1.5)
                 out.backward(grad_out)
                 results.append((out.detach(), x.grad))
             assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+            if not partial:  # on CPU written batch-major: the core attention's layout, taken without a copy
+                assert results[1][0].transpose(0, 1).is_contiguous()
+                assert batch_major(results[1][0]).data_ptr() == results[1][0].data_ptr()
 
 
 def test_cos_sin_are_computed_once_per_frequency_tensor():
