@@ -45,9 +45,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torc
 
 
 def batch_major(t: torch.Tensor) -> torch.Tensor:
-    """[s, b, heads, d] as [b, heads, s, d]. On CPU laid out as [b, s, heads, d] first (a copy): the CPU
-    kernel then reads each row's keys close together, not b * heads * d apart (measured: the engine's
-    SFT step 1.7% faster, benchmarks/RESULTS.md); CUDA kernels take the strided view."""
+    """[s, b, heads, d] as [b, heads, s, d]. On CPU laid out as [b, s, heads, d] first (a copy, except for
+    query and key, which the CPU rope already writes so: `rope_positions`): the CPU kernel then reads each
+    row's keys close together, not b * heads * d apart (measured: the engine's SFT step 1.7% faster,
+    benchmarks/RESULTS.md); CUDA kernels take the strided view."""
     if t.is_cuda:
         return t.permute(1, 2, 0, 3)
     return t.transpose(0, 1).contiguous().transpose(1, 2)

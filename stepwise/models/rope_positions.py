@@ -15,8 +15,8 @@ cos/sin of the frequencies are computed once per forward (megatron: per layer, f
 and a rotation over the whole head dimension skips megatron's split and re-concatenation (a copy
 forward, a zero-filled copy backward). On CPU (`_BatchMajorRope`) the rotation is written straight into
 the batch-major memory the SDPA core attention reads (`attention.batch_major`: then no copy), and its
-backward without rotate_half's concatenations and full-width temporaries (bitwise the same values). Partial rotation,
-interleaved rotation and multi-latent attention go to megatron's.
+backward runs without rotate_half's concatenations and full-width temporaries (bitwise the same values).
+Partial rotation, interleaved rotation and multi-latent attention go to megatron's.
 """
 from __future__ import annotations
 

@@ -111,18 +111,12 @@ class SwiGLU(MegatronModule):
     `use_te_activation_func` hook: the module takes the whole fc1 output); a MegatronModule, so the MLP's
     sharded state dict walks it (it holds no state)."""
 
-    def __init__(self, config):
-        super().__init__(config=config)
-
     def forward(self, fused: torch.Tensor) -> torch.Tensor:
         return swiglu(fused)
 
 
 class AlreadyActivated(MegatronModule):
     """The MLP's activation after `SwiGLULinear`, which returns activated values: passes them on."""
-
-    def __init__(self, config):
-        super().__init__(config=config)
 
     def forward(self, activated: torch.Tensor) -> torch.Tensor:
         return activated
