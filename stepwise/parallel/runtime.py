@@ -2,8 +2,9 @@
 
 `init_parallel(tp, pp, seed)` reads RANK/WORLD_SIZE/LOCAL_RANK (torchrun) or SLURM_PROCID/
 SLURM_NTASKS/SLURM_LOCALID (srun), falls back to a single process, picks NCCL on GPU and gloo on CPU
-(applying the CPU shim), initialises megatron's TP/PP/DP groups and seeds every RNG the way megatron
-expects (a failure seen by one rank is raised on all of them by `stepwise.parallel.agree`).
+(on CPU applying the CPU shim and keeping freed host memory mapped: `host_memory`), initialises
+megatron's TP/PP/DP groups and seeds every RNG the way megatron expects (a failure seen by one rank
+is raised on all of them by `stepwise.parallel.agree`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from stepwise.parallel import cpu_shim
+from stepwise.parallel.host_memory import keep_freed_host_memory
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
     rank, world_size, local_rank = init_distributed()
     if not torch.cuda.is_available():
         cpu_shim.install()  # here, not in init_distributed: a step that only needs a barrier never imports megatron
+        keep_freed_host_memory()  # no caching allocator on CPU: steps would re-fault their activations' pages
     if world_size % (tp * pp):
         raise ValueError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
     if (tp, pp) != _model_parallel_sizes(parallel_state):  # the same layout again (tests): the same groups
