@@ -84,6 +84,21 @@ def segment_layout(attention_mask: torch.Tensor) -> list[list[Piece]] | None:
     return layout
 
 
+def sequence_bounds(layout: list[list[Piece]], rows: int, seq: int) -> list[int] | None:
+    """Where each causal run of `rows` rows of `seq` tokens, laid end to end, starts, and the end of the
+    last (THD's `cu_seqlens`), when every piece is a run of its own seeing no shared range (block-diagonal
+    layouts: sequence packs, padding a block of its own); None when some piece reads a shared range
+    (shared-prefix rows). A one-row layout is every row's (a mask broadcast over the batch)."""
+    layout = layout * rows if len(layout) == 1 else layout
+    bounds = [0]
+    for row, pieces in enumerate(layout):
+        for piece in pieces:
+            if piece.shared_hi > piece.shared_lo or piece.start != piece.run_start:
+                return None
+            bounds.append(row * seq + piece.end)
+    return bounds
+
+
 class LayoutCache:
     """The last mask's layout: every layer of a forward (and a recomputing backward) reads the same mask."""
 

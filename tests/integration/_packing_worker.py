@@ -7,7 +7,8 @@ separate value network), or `kto` (`labelled`
 batches packed per micro-batch, KL groups of 2). Saves from rank 0 {"gradient": (observed max |diff|, max |grad|), "score": (max |diff|,
 max |score|) or None, "tokens": (packed, unpacked: `batches.tokens`), "computed": (packed, unpacked:
 input positions of every DP rank's micro-batches, padding included), "rows": (packed, unpacked
-micro-batches of all DP ranks), "core_attention": the first layer's core-attention class}, each
+micro-batches of all DP ranks), "core_attention": the first layer's core-attention class, "thd_calls":
+how many THD calls its stand-in for TE took (0 for other classes)}, each
 maximum taken over all ranks.
 
     python -m torch.distributed.run --nproc-per-node=N _packing_worker.py OUT TP PP [CASE [TRANSFORMER_IMPL]]
@@ -153,11 +154,12 @@ def main(out: str, tp: int, pp: int, case: str, transformer_impl: str) -> None:
         score_diff = (scores[True] - scores[False]).abs().max().item() if layout.is_last_stage else 0.0
         score_scale = scores[False].abs().max().item() if layout.is_last_stage else 0.0
         score = (global_max(score_diff), global_max(score_scale))
+    core_attention = engine.model.module.decoder.layers[0].self_attention.core_attention
     result = {"gradient": (global_max(gradient), global_max(scale)), "score": score,
               "tokens": (tokens[True], tokens[False]), "rows": (rows[True], rows[False]),
               "computed": (computed[True], computed[False]),
               "scores": len(scores[False]) if scores and layout.is_last_stage else -1,
-              "core_attention": type(engine.model.module.decoder.layers[0].self_attention.core_attention).__name__}
+              "core_attention": type(core_attention).__name__, "thd_calls": len(getattr(core_attention, "packed", ()))}
     if dist.get_rank() == 0:
         torch.save(result, out)
 

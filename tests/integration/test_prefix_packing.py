@@ -54,12 +54,13 @@ def test_sequence_packing_is_exact_at_tp1(tmp_path, case):
 
 @pytest.mark.parametrize("case", ["skywork_dapo", "sft"])
 def test_packing_is_exact_through_the_te_spec_s_core_attention(tmp_path, case):
-    """The TE spec's core attention (`te_packed_attention`) over a causal-only stand-in for TE's class,
-    in a whole model: packed rows' masks reach SDPA (else the stand-in's causal attention would let
-    each sample see the ones before it in its row)."""
+    """The TE spec's core attention (`te_packed_attention`) over a stand-in for TE's class, in a whole
+    model: shared-prefix rows' masks reach SDPA, sequence packs reach TE's class as THD sequences (the
+    stand-in's causal attention over whole rows would let each sample see the ones before it)."""
     run_python(WORKER, tmp_path / "te.pt", 1, 1, case, "te-stand-in")
     result = torch.load(tmp_path / "te.pt")
     assert result["core_attention"] == "StandInTEAttentionWithMaskedSDPA"
+    assert case != "sft" or result["thd_calls"] > 0
     _check(result, f"{case} TE spec's core attention (stand-in)")
 
 

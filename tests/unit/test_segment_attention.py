@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stepwise.models.segment_attention import Piece, row_pieces, segment_layout, segment_sdpa
+from stepwise.models.segment_attention import Piece, row_pieces, segment_layout, segment_sdpa, sequence_bounds
+from stepwise.train.prefix_packing import blocked_mask
 from stepwise.train.prefix_packing import collate_rows, pack_rows
 
 
@@ -58,6 +59,20 @@ def test_pieces_of_a_shared_prefix_block():
     visible = (position[None] <= position[:, None]) & (block_of[:, None] == block_of[None]) & (
         (segment[None] == 0) | (segment[:, None] == segment[None]))
     assert row_pieces(visible) == [Piece(0, 5, 0, 0, 0), Piece(5, 8, 0, 3, 5), Piece(8, 10, 8, 8, 8)]
+
+
+def test_block_diagonal_rows_have_sequence_bounds_and_shared_prefix_rows_none():
+    """THD's cu_seqlens: each sample (and the padding, a block of its own) one sequence, rows end to end."""
+    blocks = torch.tensor([[0] * 4 + [1] * 3 + [2] * 2, [0] * 6 + [1] * 3])
+    samples = blocked_mask(blocks, torch.zeros_like(blocks))
+    assert sequence_bounds(segment_layout(samples), rows=2, seq=9) == [0, 4, 7, 9, 15, 18]
+    one_row = segment_layout(samples[:1])  # one mask row broadcast over a batch of two
+    assert sequence_bounds(one_row, rows=2, seq=9) == [0, 4, 7, 9, 13, 16, 18]
+    # a prefix with one action is one causal run; a second action reading the prefix is not THD
+    prefix_one_action = blocked_mask(torch.tensor([0] * 5 + [1] * 2), torch.tensor([0, 0, 0, 1, 1, 0, 0]))
+    assert sequence_bounds(segment_layout(prefix_one_action), rows=1, seq=7) == [0, 5, 7]
+    shared = blocked_mask(torch.tensor([0] * 8 + [1] * 2), torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 0, 0]))
+    assert sequence_bounds(segment_layout(shared), rows=1, seq=10) is None
 
 
 def test_a_mask_of_another_shape_keeps_the_masked_kernel():

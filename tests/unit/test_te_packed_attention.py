@@ -8,8 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from megatron.core.transformer.enums import AttnMaskType
+
 from stepwise.models.attention import core_attention
-from stepwise.models.te_packed_attention import take_masks, with_masked_sdpa
+from stepwise.models.te_packed_attention import THD_DTYPES, take_masks, with_masked_sdpa
+from stepwise.train.prefix_packing import blocked_mask
 from tests.te_stand_in import StandInTEAttention
 
 
@@ -69,10 +72,55 @@ def test_a_masked_row_attends_as_its_unpacked_samples():
             torch.testing.assert_close(packed_grad[span], unpacked_grad[prefix:], rtol=1e-5, atol=1e-6)
 
 
-def test_the_softmax_scale_megatron_passes_is_kept():
+def test_sequence_packs_go_to_te_as_thd():
+    """Two rows of 9 tokens: samples of 4 and 3 tokens and 2 of padding, a sample of 6 and 3 of padding.
+    TE's class takes them as THD sequences (one per sample and padding, rows end to end) with its
+    padding-causal mask type; outputs and gradients equal the masked kernel's."""
+    generator = torch.Generator().manual_seed(4)
+    q, k, v = ([torch.randn(9, 2, *t.shape[2:], generator=generator, requires_grad=True) for t in qkv(1, generator)])
+    blocks = torch.tensor([[0] * 4 + [1] * 3 + [2] * 2, [0] * 6 + [1] * 3])
+    mask = blocked_mask(blocks, torch.zeros_like(blocks))
+    module = build()
+    packed = module(q, k, v, mask, attn_mask_type="causal")
+    assert module.calls == 1
+    (mask_type, params), = module.packed
+    assert mask_type == AttnMaskType.padding_causal
+    assert params.cu_seqlens_q.tolist() == [0, 4, 7, 9, 15, 18] and params.cu_seqlens_q.dtype == torch.int32
+    assert packed.shape == (9, 2, 4 * 16)
+    weights = torch.randn(packed.shape, generator=generator)
+    grads = torch.autograd.grad((packed * weights).sum(), (q, k, v))
+    want = core_attention(q, k, v, mask, 0.0, None)
+    want_grads = torch.autograd.grad((want * weights).sum(), (q, k, v))
+    torch.testing.assert_close(packed, want, rtol=1e-5, atol=1e-6)
+    for grad, want_grad in zip(grads, want_grads):
+        torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_te_s_thd_backends_take_bf16_and_fp16_only():
+    """Under TE's own THD dtypes fp32 rows take SDPA (TE's unfused backend has no THD), bf16 rows THD."""
+    class FusedBackendsOnly(StandInTEAttention):
+        thd_dtypes = THD_DTYPES
+
+    module = with_masked_sdpa(FusedBackendsOnly)(config=SimpleNamespace(attention_dropout=0.0), layer_number=1,
+                                                 attn_mask_type="causal", attention_type="self")
+    mask = blocked_mask(torch.tensor([0, 0, 1, 1, 1]), torch.zeros(5, dtype=torch.long))
+    q, k, v = qkv(5, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(module(q, k, v, mask), core_attention(q, k, v, mask, 0.0, None))
+    assert module.calls == 0
+    low = [t.detach().bfloat16() for t in (q, k, v)]
+    torch.testing.assert_close(module(*low, mask), core_attention(*low, mask, 0.0, None))
+    assert module.calls == 1 and module.packed[0][1].cu_seqlens_q.tolist() == [0, 2, 5]
+
+
+@pytest.mark.parametrize("thd", [True, False])
+def test_the_softmax_scale_megatron_passes_is_kept(thd):
+    """Through TE's class (THD: one causal row) and through SDPA (a shared prefix)."""
     q, k, v = qkv(4, torch.Generator().manual_seed(2))
-    mask = ~torch.ones(4, 4).tril().bool()[None, None]
-    torch.testing.assert_close(build(softmax_scale=0.5)(q, k, v, mask), core_attention(q, k, v, mask, 0.0, 0.5))
+    segments = torch.tensor([0, 0, 0, 0] if thd else [0, 0, 1, 2])
+    mask = blocked_mask(torch.zeros(4, dtype=torch.long), segments)
+    module = build(softmax_scale=0.5)
+    torch.testing.assert_close(module(q, k, v, mask), core_attention(q, k, v, mask, 0.0, 0.5))
+    assert module.calls == thd
     assert not torch.allclose(build(softmax_scale=0.5)(q, k, v, mask), build()(q, k, v, mask))
 
 
