@@ -1,10 +1,11 @@
 """Transformer Engine on a GPU (marked `gpu`; skipped without CUDA or transformer_engine): a converted
 checkpoint loads into TE's spec with every key, TE and the local spec give the same bf16 logits on
-the same converted weights, an FP8 step's loss matches bf16's at step 0, and packed rows (their masks
-to SDPA, `stepwise.models.te_packed_attention`) give the unpacked gradients under TE's spec.
+the same converted weights, an FP8 step's loss matches bf16's at step 0, packed rows (their masks to
+SDPA, `stepwise.models.te_packed_attention`) give the unpacked gradients under TE's spec, and sequence
+packs reach TE as THD and attend as the masked kernel does (bf16).
 
 NOT YET RUN: no GPU was lent to the task that wrote these; the CPU side of each (the TE module
-paths, the checkpoint's `_extra_state` keys, the FP8 checks, the masked dispatch) is tested in
+paths, the checkpoint's `_extra_state` keys, the FP8 checks, the masked and THD dispatch) is tested in
 tests/unit/test_te_spec.py, tests/unit/test_precision.py and tests/unit/test_te_packed_attention.py.
 """
 from __future__ import annotations
@@ -116,3 +117,42 @@ def test_packing_is_exact_under_te(tmp_path, monkeypatch, case):
     monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")  # inherited by the worker
     run_python(WORKER, tmp_path / "te.pt", 1, 1, case, "te")
     _check(torch.load(tmp_path / "te.pt"), f"{case} TE")
+
+
+def test_sequence_packs_reach_te_as_thd_and_attend_as_the_masked_kernel(monkeypatch):
+    """bf16, one layer's core attention under TE's spec: a block-diagonal packed mask (two rows of
+    samples and padding) goes to TE as THD sequences (`te_packed_attention`); outputs and q/k/v
+    gradients equal the masked SDPA kernel's within bf16's bound for attention's three reductions
+    (q.k, the softmax sum, p.v; twice that depth for gradients, as `gradient_bound`), each side
+    rounding to bf16."""
+    from stepwise.models.attention import core_attention
+    from stepwise.models.builder import EngineOptions, build_gpt_model
+    from stepwise.models.hf_config import arch_from_hf_dict
+    from stepwise.parallel.runtime import init_parallel
+    from stepwise.train.prefix_packing import blocked_mask
+    from tests.tolerance import UNIT_ROUNDOFF_BF16
+
+    init_parallel(1, 1)
+    model = build_gpt_model(arch_from_hf_dict(SHAPE), EngineOptions(dtype="bfloat16", transformer_impl="te"))
+    attention = model.decoder.layers[0].self_attention.core_attention
+    thd_calls = []
+    packed_forward = attention.packed_forward
+    monkeypatch.setattr(attention, "packed_forward", lambda *args: thd_calls.append(args[-1]) or packed_forward(*args))
+    blocks = torch.tensor([[0] * 20 + [1] * 30 + [2] * 14, [0] * 50 + [1] * 14])
+    mask = blocked_mask(blocks, torch.zeros_like(blocks)).cuda()
+    heads, groups = SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"]
+    dim = SHAPE["hidden_size"] // heads
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(64, 2, count, dim, generator=generator, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for count in (heads, groups, groups))
+    thd = attention(q, k, v, mask, None)
+    assert thd_calls == [[0, 20, 50, 64, 114, 128]]
+    want = core_attention(q, k, v, mask, 0.0, attention.masked_softmax_scale)
+    weights = torch.randn(thd.shape, generator=generator, device="cuda", dtype=torch.bfloat16)
+    got_grads = torch.autograd.grad((thd.float() * weights).sum(), (q, k, v))
+    want_grads = torch.autograd.grad((want.float() * weights).sum(), (q, k, v))
+    within("THD vs masked SDPA, bf16 outputs", float((thd - want).abs().max()),
+           2 * UNIT_ROUNDOFF_BF16 * 3 * float(want.abs().max()))
+    for name, got, expected in zip("qkv", got_grads, want_grads):
+        within(f"THD vs masked SDPA, bf16 {name} gradient", float((got - expected).abs().max()),
+               2 * UNIT_ROUNDOFF_BF16 * 6 * float(expected.abs().max()))
