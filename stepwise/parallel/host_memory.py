@@ -3,10 +3,11 @@
 PyTorch's CPU tensors come from glibc's malloc. With its defaults, freeing the activations at the end of a
 backward leaves tens of megabytes free at the top of the heap, more than glibc's (adaptive) trim
 threshold, so it returns them to the kernel; the next step's activations map them again, and the first
-write to each 4 KiB page is a page fault that also zeroes it. Measured on the 2-core CPU sandbox
-(`benchmarks/RESULTS.md`): 8-16 thousand faults per `benchmarks/train_step.py` step, an 8 MiB
-elementwise product 5-25 ms on fresh pages against 1.5 ms on mapped ones, the whole step about 15%
-longer.
+write to each 4 KiB page is a page fault that also zeroes it (tensors over glibc's largest adaptive
+mmap threshold, 32 MiB, are mapped and unmapped every time). Measured on the 2-core CPU sandbox
+(`benchmarks/RESULTS.md`): 8-25 thousand faults per `benchmarks/train_step.py` engine step, an 8 MiB
+elementwise product 5-26 ms on fresh pages against 1.5 ms on mapped ones; with this setting 3 faults
+a step and 40% less system time (about 2% of the step's CPU time; user time within noise).
 
 `keep_freed_host_memory()` sets malloc's mmap threshold (tensors up to it come from the heap, not a
 fresh mapping each time) and its trim threshold (the heap is not shrunk) once per process, so a step
