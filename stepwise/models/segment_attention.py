@@ -84,14 +84,18 @@ def segment_layout(attention_mask: torch.Tensor) -> list[list[Piece]] | None:
     return layout
 
 
+def per_row(layout: list[list[Piece]], rows: int) -> list[list[Piece]]:
+    """`layout` for each of `rows` rows: a one-row layout is every row's (a mask broadcast over the batch)."""
+    return layout * rows if len(layout) == 1 else layout
+
+
 def sequence_bounds(layout: list[list[Piece]], rows: int, seq: int) -> list[int] | None:
     """Where each causal run of `rows` rows of `seq` tokens, laid end to end, starts, and the end of the
     last (THD's `cu_seqlens`), when every piece is a run of its own seeing no shared range (block-diagonal
     layouts: sequence packs, padding a block of its own); None when some piece reads a shared range
-    (shared-prefix rows). A one-row layout is every row's (a mask broadcast over the batch)."""
-    layout = layout * rows if len(layout) == 1 else layout
+    (shared-prefix rows). A one-row layout is every row's (`per_row`)."""
     bounds = [0]
-    for row, pieces in enumerate(layout):
+    for row, pieces in enumerate(per_row(layout, rows)):
         for piece in pieces:
             if piece.shared_hi > piece.shared_lo or piece.start != piece.run_start:
                 return None
@@ -135,7 +139,6 @@ def segment_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: list
                  scale: float | None) -> torch.Tensor:
     """Attention of [b, heads, S, d] q (k, v: a divisor of its heads) row by row, piece by piece."""
     gqa = k.shape[1] != q.shape[1]
-    layout = layout * q.shape[0] if len(layout) == 1 else layout  # one mask row broadcast over the batch
     rows = [torch.cat([piece_attention(q[r : r + 1], k[r : r + 1], v[r : r + 1], piece, dropout, scale, gqa)
-                       for piece in pieces], dim=2) for r, pieces in enumerate(layout)]
+                       for piece in pieces], dim=2) for r, pieces in enumerate(per_row(layout, q.shape[0]))]
     return torch.cat(rows)

@@ -61,20 +61,26 @@ def with_masked_sdpa(te_attention: type) -> type:
                 return super().forward(query, key, value, attention_mask, *args, **kwargs)
             if kwargs.get("packed_seq_params") is not None:
                 raise ValueError("a batch carries both an attention mask and THD packed_seq_params")
-            bounds = None
-            if query.dtype in thd_dtypes:
-                layout = PACKED_LAYOUTS.layout(attention_mask)
-                seq, rows = query.shape[:2]
-                bounds = None if layout is None else sequence_bounds(layout, rows, seq)
+            bounds = self.thd_bounds(query, attention_mask)
             if bounds is not None:
                 return self.packed_forward(query, key, value, bounds)
             return core_attention(query, key, value, attention_mask, self.masked_dropout if self.training else 0.0,
                                   self.masked_softmax_scale)
 
+        @staticmethod
+        def thd_bounds(query: torch.Tensor, attention_mask: torch.Tensor) -> list[int] | None:
+            """THD's `cu_seqlens` of the [s, b, ...] rows `attention_mask` packs, or None where TE takes
+            no THD (the dtype) or the rows are not block-diagonal."""
+            if query.dtype not in thd_dtypes:
+                return None
+            layout = PACKED_LAYOUTS.layout(attention_mask)
+            seq, rows = query.shape[:2]
+            return None if layout is None else sequence_bounds(layout, rows, seq)
+
         def packed_forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            bounds: list[int]) -> torch.Tensor:
             """TE's attention over [s, b, heads, d] rows as THD sequences starting at `bounds`
-            (`sequence_bounds`); [s, b, heads * d] out, as megatron's core attention returns."""
+            (`thd_bounds`); [s, b, heads * d] out, as megatron's core attention returns."""
             seq, rows = query.shape[:2]
             # [t, heads, d], row after row (a view when b = 1, else a copy in the rows' order)
             query, key, value = (t.transpose(0, 1).reshape(rows * seq, *t.shape[2:]) for t in (query, key, value))

@@ -135,9 +135,13 @@ def test_sequence_packs_reach_te_as_thd_and_attend_as_the_masked_kernel(monkeypa
     init_parallel(1, 1)
     model = build_gpt_model(arch_from_hf_dict(SHAPE), EngineOptions(dtype="bfloat16", transformer_impl="te"))
     attention = model.decoder.layers[0].self_attention.core_attention
-    thd_calls = []
-    packed_forward = attention.packed_forward
-    monkeypatch.setattr(attention, "packed_forward", lambda *args: thd_calls.append(args[-1]) or packed_forward(*args))
+    thd_calls, packed_forward = [], attention.packed_forward
+
+    def recorded(query, key, value, bounds):
+        thd_calls.append(bounds)
+        return packed_forward(query, key, value, bounds)
+
+    monkeypatch.setattr(attention, "packed_forward", recorded)
     blocks = torch.tensor([[0] * 20 + [1] * 30 + [2] * 14, [0] * 50 + [1] * 14])
     mask = blocked_mask(blocks, torch.zeros_like(blocks)).cuda()
     heads, groups = SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"]

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from stepwise.models.segment_attention import Piece, row_pieces, segment_layout, segment_sdpa, sequence_bounds
-from stepwise.train.prefix_packing import blocked_mask
-from stepwise.train.prefix_packing import collate_rows, pack_rows
+from stepwise.train.prefix_packing import blocked_mask, collate_rows, pack_rows
 
 
 def packed_mask(seed: int, rows: int = 3, length: int = 64) -> torch.Tensor:

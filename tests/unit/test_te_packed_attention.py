@@ -77,7 +77,7 @@ def test_sequence_packs_go_to_te_as_thd():
     TE's class takes them as THD sequences (one per sample and padding, rows end to end) with its
     padding-causal mask type; outputs and gradients equal the masked kernel's."""
     generator = torch.Generator().manual_seed(4)
-    q, k, v = ([torch.randn(9, 2, *t.shape[2:], generator=generator, requires_grad=True) for t in qkv(1, generator)])
+    q, k, v = (torch.randn(9, 2, heads, 16, generator=generator, requires_grad=True) for heads in (4, 2, 2))
     blocks = torch.tensor([[0] * 4 + [1] * 3 + [2] * 2, [0] * 6 + [1] * 3])
     mask = blocked_mask(blocks, torch.zeros_like(blocks))
     module = build()
