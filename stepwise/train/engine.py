@@ -23,6 +23,7 @@ from stepwise.models.builder import EngineOptions, build_gpt_model
 from stepwise.models.hf_config import ModelArch
 from stepwise.models.policy_value import split_policy_value
 from stepwise.parallel.runtime import Layout
+from stepwise.train.fused_adam import use_fused_cpu_adam
 from stepwise.train.logprobs import model_token_logprobs
 from stepwise.train.prefix_packing import flat_rows, read_positions
 
@@ -245,6 +246,7 @@ def build_engine(
         ),
         [ddp],
     )
+    use_fused_cpu_adam(optimizer)
     warmup = int(optim.warmup_fraction * total_steps)
     scheduler = OptimizerParamScheduler(
         optimizer,
