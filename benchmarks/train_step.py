@@ -7,7 +7,11 @@ slow drifts of the machine cancel), with its quartiles.
 With `--cpu-time` both run on one thread and are timed by the process's CPU time, which other work on
 a shared machine disturbs far less than wall-clock time (a few-percent difference needs it).
 
-    python benchmarks/train_step.py [--hidden 256 --layers 4 --seq 128 --batch 16 --rounds 12 --steps 2] [--cpu-time]
+With `--prompt N` the first N positions of each row are a prompt the loss does not read, as in SFT data:
+the engine then computes log-probs only at the response positions, transformers (as TRL does) logits
+at every position and a cross-entropy that ignores the prompt's.
+
+    python benchmarks/train_step.py [--hidden 256 --layers 4 --seq 128 --batch 16 --rounds 12 --steps 2] [--cpu-time] [--prompt 0]
 """
 from __future__ import annotations
 
@@ -29,20 +33,25 @@ def shape(args) -> dict:
                 max_position_embeddings=args.seq * 2, tie_word_embeddings=False)
 
 
-def random_batch(vocab: int, rows: int, seq: int, device) -> dict:
-    """A seeded next-token batch of `rows` x `seq` random tokens, every position a target."""
+def random_batch(vocab: int, rows: int, seq: int, device, prompt: int = 0) -> dict:
+    """A seeded next-token batch of `rows` x `seq` random tokens, every position after the first `prompt`
+    a target."""
+    if not 0 <= prompt < seq:
+        raise ValueError(f"--prompt must be in [0, seq), got {prompt} for seq {seq}")
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (rows, seq + 1), generator=generator)
+    loss_mask = torch.ones(rows, seq, device=device)
+    loss_mask[:, :prompt] = 0.0
     return {
         "input_ids": ids[:, :-1].contiguous().to(device),
         "labels": ids[:, 1:].contiguous().to(device),
-        "loss_mask": torch.ones(rows, seq, device=device),
+        "loss_mask": loss_mask,
         "position_ids": torch.arange(seq, device=device).unsqueeze(0).expand(rows, -1).contiguous(),
-        "normalizer": torch.tensor(float(rows * seq), device=device),
+        "normalizer": torch.tensor(float(rows * (seq - prompt)), device=device),
     }
 
 
-def engine_step(fields: dict, model_config, rows: int, seq: int, init=None):
+def engine_step(fields: dict, model_config, rows: int, seq: int, init=None, prompt: int = 0):
     """(engine, one SFT step on a fixed random batch) for HF config `fields`, built as `model_config`
     (a ModelConfig) says; `init` is a checkpoint to start from (random init without)."""
     from stepwise import losses
@@ -60,13 +69,14 @@ def engine_step(fields: dict, model_config, rows: int, seq: int, init=None):
         engine.optimizer.reload_model_params()
     plugin = losses.get("sft")
     loss_fn = partial(plugin.compute, plugin.parse_options({}))
-    data = [random_batch(fields["vocab_size"], rows, seq, layout.device)]
+    data = [random_batch(fields["vocab_size"], rows, seq, layout.device, prompt)]
     return engine, lambda: engine.train_step(data, loss_fn)
 
 
-def transformers_step(fields: dict, rows: int, seq: int, dtype: torch.dtype):
+def transformers_step(fields: dict, rows: int, seq: int, dtype: torch.dtype, prompt: int = 0):
     """One plain transformers (SDPA attention) training step of the same shape: AdamW and clipping with
-    the engine's optimizer settings (the `OptimConfig` defaults the engine is built with)."""
+    the engine's optimizer settings (the `OptimConfig` defaults the engine is built with), AdamW in
+    torch's fused kernel as transformers' Trainer runs it (its default optimizer with torch >= 2.8)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from stepwise.config.schema import OptimConfig
@@ -77,13 +87,14 @@ def transformers_step(fields: dict, rows: int, seq: int, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device)
     optim = OptimConfig()
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
-                                  eps=optim.adam_eps, weight_decay=optim.weight_decay)
-    data = random_batch(config.vocab_size, rows, seq, device)
+                                  eps=optim.adam_eps, weight_decay=optim.weight_decay, fused=True)
+    data = random_batch(config.vocab_size, rows, seq, device, prompt)
+    labels = data["labels"].masked_fill(data["loss_mask"] == 0, -100)  # cross_entropy's ignore_index
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         logits = model(input_ids=data["input_ids"], position_ids=data["position_ids"]).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), data["labels"].flatten())
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
         optimizer.step()
@@ -105,7 +116,7 @@ def timed(step, steps: int, clock=time.perf_counter) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in (("vocab", 1024), ("hidden", 256), ("layers", 4), ("heads", 8), ("kv_heads", 4),
-                          ("seq", 128), ("batch", 16), ("rounds", 12), ("steps", 2)):
+                          ("seq", 128), ("batch", 16), ("rounds", 12), ("steps", 2), ("prompt", 0)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--cpu-time", action="store_true", help="one thread, timed by process CPU time")
@@ -117,8 +128,9 @@ def main() -> None:
     from stepwise.config.schema import ModelConfig
 
     dtype = "bfloat16" if args.bf16 else "float32"
-    engine = engine_step(shape(args), ModelConfig(max_seq_len=args.seq, dtype=dtype), args.batch, args.seq)[1]
-    reference = transformers_step(shape(args), args.batch, args.seq, getattr(torch, dtype))
+    engine = engine_step(shape(args), ModelConfig(max_seq_len=args.seq, dtype=dtype), args.batch, args.seq,
+                         prompt=args.prompt)[1]
+    reference = transformers_step(shape(args), args.batch, args.seq, getattr(torch, dtype), args.prompt)
     engine(), reference()  # warm-up
     engine_times, reference_times = [], []
     for round_number in range(args.rounds):
@@ -128,7 +140,7 @@ def main() -> None:
     tokens = args.batch * args.seq
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads",
-        "shape": {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "heads", "kv_heads", "seq", "batch")},
+        "shape": {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "heads", "kv_heads", "seq", "batch", "prompt")},
         "dtype": "bf16" if args.bf16 else "fp32",
         "clock": "process CPU time" if args.cpu_time else "wall",
         "engine_tokens_per_s": tokens / statistics.median(engine_times),
