@@ -11,7 +11,8 @@ With `--prompt N` the first N positions of each row are a prompt the loss does n
 the engine then computes log-probs only at the response positions, transformers (as TRL does) logits
 at every position and a cross-entropy that ignores the prompt's.
 
-    python benchmarks/train_step.py [--hidden 256 --layers 4 --seq 128 --batch 16 --rounds 12 --steps 2] [--cpu-time] [--prompt 0]
+    python benchmarks/train_step.py [--hidden 256 --layers 4 --seq 128 --batch 16 --rounds 12 --steps 2]
+                                    [--cpu-time] [--prompt 0]
 """
 from __future__ import annotations
 
@@ -140,7 +141,8 @@ def main() -> None:
     tokens = args.batch * args.seq
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads",
-        "shape": {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "heads", "kv_heads", "seq", "batch", "prompt")},
+        "shape": {k: getattr(args, k)
+                  for k in ("vocab", "hidden", "layers", "heads", "kv_heads", "seq", "batch", "prompt")},
         "dtype": "bf16" if args.bf16 else "fp32",
         "clock": "process CPU time" if args.cpu_time else "wall",
         "engine_tokens_per_s": tokens / statistics.median(engine_times),

@@ -21,7 +21,8 @@ import torch
 def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     """The torch optimizers inside a megatron optimizer (a `ChainedOptimizer` or a single one)."""
     members = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [member.optimizer for member in members if isinstance(getattr(member, "optimizer", None), torch.optim.Optimizer)]
+    inner = (getattr(member, "optimizer", None) for member in members)
+    return [optimizer for optimizer in inner if isinstance(optimizer, torch.optim.Optimizer)]
 
 
 def use_fused_cpu_adam(optimizer) -> int:
