@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--cpu-time", action="store_true", help="one thread, timed by process CPU time")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (the ratio's quartiles need two rounds)")
     clock = time.perf_counter
     if args.cpu_time:
         torch.set_num_threads(1)
