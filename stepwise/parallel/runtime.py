@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from stepwise.parallel import cpu_shim
+from stepwise.parallel.gloo_device import share_gloo_device
 from stepwise.parallel.host_memory import keep_freed_host_memory
 
 
@@ -98,6 +99,7 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int, int]:
     if world_size == 1 and "RANK" not in os.environ:  # alone and not launched: a fresh local port, never
         os.environ["MASTER_ADDR"] = "127.0.0.1"  # one inherited from a parent's process group
         os.environ["MASTER_PORT"] = str(free_port())
+    share_gloo_device()  # megatron's twenty-odd gloo groups: one polling thread, not one each
     dist.init_process_group(
         backend="nccl" if use_cuda else "gloo",
         init_method="env://",
