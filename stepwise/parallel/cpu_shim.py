@@ -4,7 +4,11 @@ megatron-core hard-codes CUDA in a few places (current device, synchronize, the 
 `device="cuda"` in the pipeline schedules and p2p code). `install()` replaces exactly those:
 - `torch.cuda.current_device` -> the CPU device, `torch.cuda.synchronize` -> no-op;
 - the CUDA RNG state tracker -> one whose `fork()` swaps in CPU generators;
-- a TorchFunctionMode that maps `device="cuda"` in factory calls and `Tensor.cuda()` to the CPU;
+- a TorchFunctionMode that maps `device="cuda"` in factory calls and `Tensor.cuda()` to the CPU (for
+  building models, optimizers and checkpoints); inside `step_scope()` (a training or scoring step) it
+  is off, since it costs a Python hop on each of the step's ~1,000 torch calls (4 ms of a 740 ms step
+  of `benchmarks/train_step.py`), and the megatron modules whose per-step code hard-codes
+  `device="cuda"` see a `torch` whose factories map it instead (`TorchWithCpuFactories`);
 - the optimizer's gradient clipping, which asserts `torch.cuda.FloatTensor` grads, by the same
   arithmetic on CPU tensors (the model-parallel-aware norm is megatron's own, unchanged).
 It is a no-op when CUDA is available, and idempotent.
@@ -12,9 +16,11 @@ It is a no-op when CUDA is available, and idempotent.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import types
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode
 
 _INSTALLED = False
 
@@ -70,7 +76,57 @@ class CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+MODE = CudaToCpu()
 TRACKER = CPURNGTracker()
+
+# megatron modules whose per-step code creates tensors with a literal device="cuda": the schedule's
+# token count, the gradient norm's buffers and its l2 norm
+PER_STEP_CUDA_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.utils",
+)
+FACTORIES = frozenset({"empty", "zeros", "ones", "full", "tensor", "arange", "empty_like", "zeros_like",
+                       "ones_like", "full_like"})
+
+
+def _factory_on_cpu(factory):
+    def on_cpu(*args, **kwargs):
+        device = kwargs.get("device")
+        if device is not None and str(device).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return on_cpu
+
+
+class TorchWithCpuFactories(types.ModuleType):
+    """`torch` as a per-step megatron module sees it: the same module, with factories that map
+    `device="cuda"` to the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str):
+        value = getattr(torch, name)
+        if name in FACTORIES:
+            value = _factory_on_cpu(value)
+        setattr(self, name, value)  # later lookups are plain attribute reads
+        return value
+
+
+@contextlib.contextmanager
+def step_scope():
+    """A training or scoring step: the CudaToCpu mode off while inside (when it is on top of the mode
+    stack; nested scopes and other modes are left as they are)."""
+    if _get_current_function_mode() is not MODE:
+        yield
+        return
+    MODE.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        MODE.__enter__()
 
 
 def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -100,7 +156,9 @@ def install() -> bool:
     megatron_random._CUDA_RNG_STATE_TRACKER = TRACKER
     megatron_random.get_cuda_rng_tracker = lambda *args, **kwargs: TRACKER
     megatron_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
-    CudaToCpu().__enter__()
+    for name in PER_STEP_CUDA_MODULES:
+        importlib.import_module(name).torch = TorchWithCpuFactories()
+    MODE.__enter__()
     _INSTALLED = True
     return True
 

@@ -22,6 +22,7 @@ from stepwise.config.schema import ModelConfig, ParallelConfig, TrainConfig
 from stepwise.models.builder import EngineOptions, build_gpt_model
 from stepwise.models.hf_config import ModelArch
 from stepwise.models.policy_value import split_policy_value
+from stepwise.parallel.cpu_shim import step_scope
 from stepwise.parallel.runtime import Layout
 from stepwise.train.fused_adam import use_fused_cpu_adam
 from stepwise.train.logprobs import model_token_logprobs
@@ -91,7 +92,7 @@ class Engine:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         shapes = {tuple(batch["input_ids"].shape) for batch in micro_batches}
-        with variable_shapes(self.model, len(shapes) > 1):  # packed rows: the last micro-batch may hold fewer
+        with variable_shapes(self.model, len(shapes) > 1), step_scope():  # packed rows: the last may hold fewer
             return get_forward_backward_func()(
                 forward_step_func=self._forward_step(loss_fn),
                 data_iterator=iter(micro_batches),
@@ -104,6 +105,10 @@ class Engine:
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Callable) -> dict[str, float]:
         """One optimizer step over `micro_batches` (this DP rank's share of a global batch)."""
+        with step_scope():
+            return self._train_step(micro_batches, loss_fn)
+
+    def _train_step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Callable) -> dict[str, float]:
         per_micro_batch = self.forward_backward(micro_batches, loss_fn)
         found_inf = self.optimizer.prepare_grads()
         grad_norm = float(self.optimizer.get_grad_norm() or 0.0)

@@ -68,7 +68,7 @@ def _label_columns(labels: torch.Tensor, start: int, shard: int) -> tuple[torch.
 
 def _chunk_forward(z: torch.Tensor, labels: torch.Tensor, start: int, group):
     """log p(label) of a masked fp32 chunk [n, V/TP] (shifted in place); returns (logp, max, sum_exp)."""
-    top = _all_reduce(z.max(dim=-1).values, group, dist.ReduceOp.MAX)
+    top = _all_reduce(z.amax(dim=-1), group, dist.ReduceOp.MAX)  # amax: no argmax to compute
     z -= top.unsqueeze(-1)
     columns, inside = _label_columns(labels, start, z.shape[-1])
     predicted = _all_reduce(torch.where(inside, z.gather(1, columns.unsqueeze(-1)).squeeze(-1), 0.0), group)

@@ -59,6 +59,7 @@ def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device, c
     length and size: at PP > 1 the stages exchange each activation's shape (megatron's
     variable_seq_lengths), so none is padded to another's length."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from stepwise.parallel.cpu_shim import step_scope
     from stepwise.train.engine import variable_shapes
     from stepwise.train.logprobs import model_token_logprobs
     from stepwise.train.prefix_packing import flat_rows, read_positions
@@ -91,7 +92,7 @@ def _score_batches(engine_model, micro_batches, kind: str, vocab: int, device, c
 
         return output, collect
 
-    with variable_shapes(engine_model), torch.no_grad():  # p2p shapes per micro-batch
+    with variable_shapes(engine_model), torch.no_grad(), step_scope():  # p2p shapes per micro-batch
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches),
                                     model=[engine_model], num_microbatches=count, seq_length=seq_length,
                                     micro_batch_size=1, forward_only=True)
