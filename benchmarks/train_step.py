@@ -81,6 +81,7 @@ def transformers_step(fields: dict, rows: int, seq: int, dtype: torch.dtype, pro
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from stepwise.config.schema import OptimConfig
+    from stepwise.parallel.cpu_shim import step_scope
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fields = dict(fields)
@@ -93,12 +94,13 @@ def transformers_step(fields: dict, rows: int, seq: int, dtype: torch.dtype, pro
     labels = data["labels"].masked_fill(data["loss_mask"] == 0, -100)  # cross_entropy's ignore_index
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(input_ids=data["input_ids"], position_ids=data["position_ids"]).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
-        optimizer.step()
+        with step_scope():  # outside the engine's CPU shim (its torch-function mode), as a transformers run is
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(input_ids=data["input_ids"], position_ids=data["position_ids"]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
+            optimizer.step()
 
     return step
 
