@@ -63,17 +63,21 @@ class CPURNGTracker:
             torch.set_rng_state(saved)
 
 
+def _cuda_device_to_cpu(kwargs: dict) -> dict:
+    """`kwargs` with a `device="cuda..."` replaced by the CPU (a copy; the caller's dict is left alone)."""
+    device = kwargs.get("device")
+    if device is not None and str(device).startswith("cuda"):
+        return {**kwargs, "device": "cpu"}
+    return kwargs
+
+
 class CudaToCpu(TorchFunctionMode):
     """Maps `device="cuda"` in factory calls and `Tensor.cuda()` to the CPU."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
-        device = kwargs.get("device")
-        if device is not None and str(device).startswith("cuda"):
-            kwargs["device"] = "cpu"
-        return func(*args, **kwargs)
+        return func(*args, **_cuda_device_to_cpu(kwargs or {}))
 
 
 MODE = CudaToCpu()
@@ -92,10 +96,7 @@ FACTORIES = frozenset({"empty", "zeros", "ones", "full", "tensor", "arange", "em
 
 def _factory_on_cpu(factory):
     def on_cpu(*args, **kwargs):
-        device = kwargs.get("device")
-        if device is not None and str(device).startswith("cuda"):
-            kwargs["device"] = "cpu"
-        return factory(*args, **kwargs)
+        return factory(*args, **_cuda_device_to_cpu(kwargs))
 
     return on_cpu
 

@@ -15,10 +15,9 @@ A caller that passes its own options keeps them.
 """
 from __future__ import annotations
 
-import datetime
-
 import torch.distributed.distributed_c10d as c10d
 
+_TorchGloo = c10d.ProcessGroupGloo  # torch's own class, kept before share_gloo_device replaces the name
 _DEVICE = None
 
 
@@ -28,9 +27,6 @@ def shared_device():
     if _DEVICE is None:
         _DEVICE = _TorchGloo.create_default_device()
     return _DEVICE
-
-
-_TorchGloo = c10d.ProcessGroupGloo
 
 
 class _AnyTorchGloo(type(_TorchGloo)):
@@ -44,11 +40,13 @@ class _AnyTorchGloo(type(_TorchGloo)):
 class SharedDeviceGloo(_TorchGloo, metaclass=_AnyTorchGloo):
     """torch's ProcessGroupGloo on the process's shared device (unless given options of its own)."""
 
-    def __init__(self, store, rank, size, options_or_timeout=datetime.timedelta(minutes=30), *, timeout=None):
+    def __init__(self, store, rank, size, options_or_timeout=None, *, timeout=None):
         options = options_or_timeout
-        if not isinstance(options, _TorchGloo._Options):
-            options = _TorchGloo._Options()
-            options._timeout = timeout if timeout is not None else options_or_timeout
+        if not isinstance(options, _TorchGloo._Options):  # torch's (store, rank, size[, timeout]) form
+            options = _TorchGloo._Options()  # torch's own default timeout unless one is given
+            timeout = options_or_timeout if timeout is None else timeout
+            if timeout is not None:
+                options._timeout = timeout
             options._devices = [shared_device()]
         super().__init__(store, rank, size, options)
 
