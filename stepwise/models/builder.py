@@ -20,6 +20,8 @@ from stepwise.models import variants
 from stepwise.models.attention import SDPAttention
 from stepwise.models.rope_positions import follow_position_ids, lean_unfused_rope
 from stepwise.models.swiglu import AlreadyActivated, SwiGLU, SwiGLULinear
+from stepwise.models.lean_linear import LeanColumnParallelLinear, LeanRowParallelLinear
+from stepwise.models.rms_norm import RMSNorm, ZeroCenteredRMSNorm
 from stepwise.models.hf_config import ModelArch
 from stepwise.models.hidden_output import hand_back_hidden_states
 from stepwise.models.precision import fp8_problem, resolve_transformer_impl
@@ -42,6 +44,9 @@ class EngineOptions:
     fp8_amax_history_len: int = FP8Config.amax_history_len
     transformer_impl: str = ModelConfig.transformer_impl  # auto | te | local
     recompute_activations: bool = False
+    # weight gradients straight into DDP's main_grad (megatron's gradient_accumulation_fusion): only for a
+    # model DDP wraps, and where the kernel exists (APEX on GPU; stepwise.parallel.cpu_shim on CPU)
+    wgrad_into_main_grad: bool = False
 
 
 def te_in_use(transformer_impl: str) -> bool:
@@ -54,6 +59,13 @@ def te_in_use(transformer_impl: str) -> bool:
 def uses_te(options: EngineOptions) -> bool:
     """Whether `options` build Transformer Engine's spec on this machine."""
     return te_in_use(options.transformer_impl)
+
+
+def wgrad_fusion_available() -> bool:
+    """Whether megatron's linear layers have a gradient-accumulation-fusion kernel here."""
+    from megatron.core.tensor_parallel import layers
+
+    return layers._grad_accum_fusion_available
 
 
 def padded_vocab_size(vocab_size: int, options: EngineOptions) -> int:
@@ -119,6 +131,7 @@ def transformer_config(arch: ModelArch, options: EngineOptions):
         use_cpu_initialization=not torch.cuda.is_available(),
         calculate_per_token_loss=True,
         recompute_granularity="selective" if options.recompute_activations else None,
+        gradient_accumulation_fusion=options.wgrad_into_main_grad and wgrad_fusion_available(),
         **fp8,
     )
 
@@ -127,8 +140,8 @@ def layer_spec(options: EngineOptions, config=None):
     """TE's spec (fused RMSNorm + linear, fused attention, FP8; SDPA for packed rows' masks:
     `stepwise.models.te_packed_attention`) or the local spec with SDPA attention.
 
-    With `config.layernorm_zero_centered_gamma` (Gemma) the local spec gets (1 + w) norms, the final
-    one included, so it becomes a block spec for this pipeline stage's layers.
+    The local spec's norms are `stepwise.models.rms_norm`'s ((1 + w) ones under
+    `config.layernorm_zero_centered_gamma`: Gemma); `block_spec` gives the final norm the same class.
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
@@ -139,23 +152,32 @@ def layer_spec(options: EngineOptions, config=None):
         return take_masks(te_layer_spec())
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    attention.linear_qkv, attention.linear_proj = LeanColumnParallelLinear, LeanRowParallelLinear
+    mlp.linear_fc1, mlp.linear_fc2 = LeanColumnParallelLinear, LeanRowParallelLinear
     if config is not None and config.use_te_activation_func:
-        mlp = spec.submodules.mlp.submodules
         if config.sequence_parallel:
             mlp.activation_func = SwiGLU
         else:
             mlp.linear_fc1, mlp.activation_func = SwiGLULinear, AlreadyActivated
-    if config is None or not config.layernorm_zero_centered_gamma:
-        return spec
+    zero_centered = config is not None and config.layernorm_zero_centered_gamma
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = (
+        ZeroCenteredRMSNorm if zero_centered else RMSNorm)
+    return spec
+
+
+def block_spec(spec, config):
+    """This pipeline stage's block of `spec`'s layers, its final norm the layers' own norm class where
+    that is stepwise's (megatron would build its default norm there); other specs as they are."""
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
 
-    spec.submodules.input_layernorm = variants.ZeroCenteredRMSNorm
-    spec.submodules.pre_mlp_layernorm = variants.ZeroCenteredRMSNorm
-    layers = [spec] * get_num_layers_to_build(config)
+    norm = getattr(getattr(spec, "submodules", None), "input_layernorm", None)
+    if not (isinstance(norm, type) and issubclass(norm, RMSNorm)):
+        return spec
     return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
-        layer_specs=layers, layer_norm=variants.ZeroCenteredRMSNorm))
+        layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=norm))
 
 
 def build_gpt_model(arch: ModelArch, options: EngineOptions, max_seq_len: int | None = None, model_class=None,
@@ -169,7 +191,7 @@ def build_gpt_model(arch: ModelArch, options: EngineOptions, max_seq_len: int | 
     config = transformer_config(arch, options)
     model = (model_class or GPTModel)(
         config=config,
-        transformer_layer_spec=layer_spec(options, config),
+        transformer_layer_spec=block_spec(layer_spec(options, config), config),
         vocab_size=padded_vocab_size(arch.vocab_size, options),
         max_sequence_length=max_seq_len or arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -10,8 +10,9 @@ tensor for fc1's backward.
 weight's two row blocks (the same parameter, shape and checkpoint keys as megatron's fc1: [gate; up]
 rows of this TP rank), so every elementwise op, forward and backward, runs over contiguous tensors, and
 fc1's input and weight gradients are two products each (the weight's written into its halves in
-place). It returns SiLU(gate) * up, and the spec's activation is then `AlreadyActivated`. It keeps
-for backward what megatron's fc1 and chunked SwiGLU keep: fc1's input, gate and up, SiLU(gate).
+place, or added into DDP's `main_grad` halves under megatron's gradient accumulation fusion). It returns
+SiLU(gate) * up, and the spec's activation is then `AlreadyActivated`. It keeps for backward what
+megatron's fc1 and chunked SwiGLU keep: fc1's input, gate and up, SiLU(gate).
 Under TP its input gradient is all-reduced (megatron's `copy_to_tensor_model_parallel_region`).
 
 Under sequence parallelism megatron's fc1 gathers its input in forward and again in backward, keeping
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
+
+from stepwise.parallel.wgrad import accumulate, dummy_gradient, fused_main_grad
 
 
 def _gate_grads(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activated: torch.Tensor,
@@ -57,13 +60,13 @@ def swiglu(fused: torch.Tensor) -> torch.Tensor:
 
 class _SwiGLULinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, fusion: bool) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
         gate_rows, up_rows = weight.chunk(2, dim=0)
         gate, up = flat @ gate_rows.t(), flat @ up_rows.t()
         activated = F.silu(gate)
         ctx.save_for_backward(flat, weight, gate, up, activated)
-        ctx.input_shape = hidden.shape
+        ctx.input_shape, ctx.fusion = hidden.shape, fusion
         return (activated * up).view(*hidden.shape[:-1], gate.shape[-1])
 
     @staticmethod
@@ -77,16 +80,25 @@ class _SwiGLULinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_hidden = (grad_gate @ gate_rows).addmm_(grad_up, up_rows).view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.empty_like(weight)
-            grad_gate_rows, grad_up_rows = grad_weight.chunk(2, dim=0)
-            torch.mm(grad_gate.t(), flat, out=grad_gate_rows)
-            torch.mm(grad_up.t(), flat, out=grad_up_rows)
-        return grad_hidden, grad_weight
+            main_grad = fused_main_grad(weight, ctx.fusion)
+            if main_grad is None:
+                grad_weight = torch.empty_like(weight)
+                grad_gate_rows, grad_up_rows = grad_weight.chunk(2, dim=0)
+                torch.mm(grad_gate.t(), flat, out=grad_gate_rows)
+                torch.mm(grad_up.t(), flat, out=grad_up_rows)
+            else:  # megatron's gradient accumulation fusion, into the buffer's two row blocks
+                main_gate_rows, main_up_rows = main_grad.chunk(2, dim=0)
+                accumulate(flat, grad_gate, main_gate_rows)
+                accumulate(flat, grad_up, main_up_rows)
+                grad_weight = dummy_gradient(weight, weight.dtype)
+        return grad_hidden, grad_weight, None
 
 
-def swiglu_linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """SiLU(hidden @ gate_rows.T) * (hidden @ up_rows.T), `weight` = [gate_rows; up_rows]."""
-    return _SwiGLULinearFunction.apply(hidden, weight)
+def swiglu_linear(hidden: torch.Tensor, weight: torch.Tensor, fusion: bool = False) -> torch.Tensor:
+    """SiLU(hidden @ gate_rows.T) * (hidden @ up_rows.T), `weight` = [gate_rows; up_rows]; with `fusion`
+    (megatron's `gradient_accumulation_fusion`) the weight gradient goes into `weight.main_grad` when
+    the weight has one (`stepwise.parallel.wgrad`)."""
+    return _SwiGLULinearFunction.apply(hidden, weight, fusion)
 
 
 class SwiGLULinear(ColumnParallelLinear):
@@ -103,7 +115,7 @@ class SwiGLULinear(ColumnParallelLinear):
         if weight is not None or runtime_gather_output:
             raise ValueError("SwiGLULinear uses its own weight and does not gather its output")
         hidden = input_ if self.disable_grad_reduce else copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
-        return swiglu_linear(hidden, self.weight), None
+        return swiglu_linear(hidden, self.weight, self.gradient_accumulation_fusion), None
 
 
 class SwiGLU(MegatronModule):

@@ -4,8 +4,8 @@
 - `llama3_inv_freq`: rope inverse frequencies under `rope_type: llama3` with all four of its parameters
   (megatron-core 0.16's `rope_scaling` hard-codes low/high frequency factors 1/4 and an original
   context of 8192, so the frequencies are recomputed here and set on the model's `RotaryEmbedding`).
-- `ZeroCenteredRMSNorm`: RMSNorm scaling by (1 + w), computed in fp32 and cast back (Gemma), for the
-  local layer spec; Transformer Engine's norms do the same under `layernorm_zero_centered_gamma`.
+- Gemma's RMSNorm scaling by (1 + w) is `stepwise.models.rms_norm.ZeroCenteredRMSNorm` (the local
+  layer spec); Transformer Engine's norms do the same under `layernorm_zero_centered_gamma`.
 - `scale_embedding_output`: multiplies the embedding output by sqrt(hidden) rounded to the model dtype.
 """
 from __future__ import annotations
@@ -47,21 +47,6 @@ def set_rope_frequencies(model, arch) -> None:
         raise NotImplementedError(f"rope_scaling {arch.rope_scaling} is not supported for {arch.family} yet")
     rotary = model.rotary_pos_emb
     rotary.inv_freq = llama3_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling).to(rotary.inv_freq.device)
-
-
-class ZeroCenteredRMSNorm(torch.nn.Module):
-    """y = x / rms(x) * (1 + w), in fp32, cast to x's dtype; w starts at zero (the identity)."""
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-6, **kwargs):
-        super().__init__()
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + self.weight.float())).type_as(x)
 
 
 def scale_embedding_output(model, hidden_size: int):

@@ -10,7 +10,10 @@ megatron-core hard-codes CUDA in a few places (current device, synchronize, the 
   of `benchmarks/train_step.py`), and the megatron modules whose per-step code hard-codes
   `device="cuda"` see a `torch` whose factories map it instead (`TorchWithCpuFactories`);
 - the optimizer's gradient clipping, which asserts `torch.cuda.FloatTensor` grads, by the same
-  arithmetic on CPU tensors (the model-parallel-aware norm is megatron's own, unchanged).
+  arithmetic on CPU tensors, and the l2 norm's per-tensor Python loop by one foreach call (the
+  model-parallel-aware norm is megatron's own, unchanged);
+- APEX's `fused_weight_gradient_mlp_cuda` (weight gradients added straight into DDP's `main_grad`,
+  megatron's gradient accumulation fusion) by `stepwise.parallel.wgrad.CPU_KERNELS`.
 It is a no-op when CUDA is available, and idempotent.
 """
 from __future__ import annotations
@@ -21,6 +24,8 @@ import types
 
 import torch
 from torch.overrides import TorchFunctionMode, _get_current_function_mode
+
+from stepwise.parallel import wgrad
 
 _INSTALLED = False
 
@@ -131,15 +136,23 @@ def step_scope():
 
 
 def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    """megatron's `clip_grad_by_total_norm_fp32` for CPU tensors: scale grads by max_norm / norm."""
+    """megatron's `clip_grad_by_total_norm_fp32` for CPU tensors: scale grads by max_norm / norm (one
+    foreach call)."""
     attribute = "decoupled_grad" if use_decoupled_grad else "grad"
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if clip_coeff >= 1.0:
         return
-    for param in parameters:
-        grad = getattr(param, attribute, None)
-        if grad is not None:
-            grad.detach().mul_(clip_coeff)
+    grads = [grad.detach() for grad in (getattr(param, attribute, None) for param in parameters) if grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron's `local_multi_tensor_l2_norm` (its CPU stand-in for APEX's multi-tensor l2 norm: a
+    `torch.norm` per tensor in Python, then the norm of those) in one foreach call: the same per-tensor
+    norms and total, as a [1] tensor."""
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
 
 
 def install() -> bool:
@@ -149,7 +162,9 @@ def install() -> bool:
         return False
     if _INSTALLED:
         return True
+    import megatron.core.optimizer.clip_grads as megatron_clip_grads
     import megatron.core.optimizer.optimizer as megatron_optimizer
+    import megatron.core.tensor_parallel.layers as megatron_layers
     import megatron.core.tensor_parallel.random as megatron_random
 
     torch.cuda.current_device = lambda: torch.device("cpu")
@@ -157,6 +172,9 @@ def install() -> bool:
     megatron_random._CUDA_RNG_STATE_TRACKER = TRACKER
     megatron_random.get_cuda_rng_tracker = lambda *args, **kwargs: TRACKER
     megatron_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+    megatron_clip_grads.l2_norm_impl = foreach_l2_norm
+    megatron_layers.fused_weight_gradient_mlp_cuda = wgrad.CPU_KERNELS
+    megatron_layers._grad_accum_fusion_available = True
     for name in PER_STEP_CUDA_MODULES:
         importlib.import_module(name).torch = TorchWithCpuFactories()
     MODE.__enter__()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Callable
 
@@ -88,7 +88,8 @@ class Engine:
         metrics of each micro-batch (on the last stage) as a float64 tensor ordered as `metric_names`."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        self.model.train()
+        if not all(module.training for module in self.model.modules()):  # train() walks and sets every module
+            self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         shapes = {tuple(batch["input_ids"].shape) for batch in micro_batches}
@@ -215,7 +216,7 @@ def build_engine(
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    options = engine_options(model_config, parallel)
+    options = replace(engine_options(model_config, parallel), wgrad_into_main_grad=True)  # DDP wraps it below
     policy = {} if kind == "critic" else {"hidden_output": hidden_output}
     builder = {"critic": build_critic_model, "policy_value": build_policy_value_model}.get(kind, build_gpt_model)
     if value_arch is not None:

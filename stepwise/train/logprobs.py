@@ -13,9 +13,8 @@ arithmetic per position is megatron's `vocab_parallel_cross_entropy`'s, in the s
 
 `linear_token_logprobs` goes one step further, from hidden states and the output-layer weight shard:
 the [tokens x vocab] logits never exist either, only one chunk of them. The weight gradient is summed
-over chunks in fp32: straight into megatron DDP's fp32 `main_grad` buffer when the weight has one (what
-megatron's `gradient_accumulation_fusion` does: `grad_added_to_main_grad` set, a dummy gradient
-returned, so DDP's hook does not add it again), else into an fp32 accumulator returned as the gradient.
+over chunks in fp32: straight into megatron DDP's fp32 `main_grad` buffer when the weight has one
+(`stepwise.parallel.wgrad`), else into an fp32 accumulator returned as the gradient.
 `hidden_token_logprobs` is its [B, S] form at the positions a loss reads, and `model_token_logprobs`
 picks the form a model's output calls for (`stepwise.models.hidden_output`: the training and scoring
 policy models hand back hidden states). `full_token_logprobs` is the straightforward form, kept as the
@@ -25,6 +24,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from stepwise.parallel.wgrad import accumulate, dummy_gradient
 
 CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk (64 MiB): 110 positions of a 152k vocabulary; small
 # vocabularies take every position in one chunk (no per-chunk overhead where there is nothing to save)
@@ -157,23 +158,9 @@ class _LinearChunkedLogprobs(torch.autograd.Function):
                 grad_logits = _chunk_grad(z, labels[part], start, tops[part], sums[part], grad_out[part])
             grad_logits = grad_logits.to(weight.dtype)
             grad_hidden[part] = grad_logits @ weight
-            accumulator.addmm_(grad_logits.t().to(accumulator.dtype), hidden[part].to(accumulator.dtype))
-        grad_weight = accumulator.to(weight.dtype) if main_grad is None else _main_grad_dummy(weight, hidden.dtype)
+            accumulate(hidden[part], grad_logits, accumulator)
+        grad_weight = accumulator.to(weight.dtype) if main_grad is None else dummy_gradient(weight, hidden.dtype)
         return _all_reduce(grad_hidden, group), grad_weight, None, None, None
-
-
-def _main_grad_dummy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """The gradient returned once the weight gradient went into `weight.main_grad` (megatron-core 0.16's
-    LinearWithGradAccumulationAndAsyncCommunication contract): None without DDP's
-    `grad_added_to_main_grad` flag; else the flag is set, so DDP's hook skips adding `param.grad`, and a
-    dummy is returned (the hook runs on the backward thread): zeros where `zero_out_wgrad` says the
-    parameter also gets a real gradient (a tied embedding at PP 1, which the hook then does add)."""
-    if not hasattr(weight, "grad_added_to_main_grad"):
-        return None
-    weight.grad_added_to_main_grad = True
-    if getattr(weight, "zero_out_wgrad", False):
-        return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-    return torch.empty(weight.shape, dtype=dtype, device=weight.device)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, real_vocab_size: int,

@@ -96,7 +96,7 @@ def test_the_local_spec_builds_swiglu_for_silu_models_only():
     assert (mlp.linear_fc1.__name__, mlp.activation_func.__name__) == ("SwiGLULinear", "AlreadyActivated")
     qwen.sequence_parallel = True  # megatron's fc1 gathers the input shard again in backward: it keeps its own
     mlp = layer_spec(options, qwen).submodules.mlp.submodules
-    assert (mlp.linear_fc1.__name__, mlp.activation_func.__name__) == ("ColumnParallelLinear", "SwiGLU")
+    assert (mlp.linear_fc1.__name__, mlp.activation_func.__name__) == ("LeanColumnParallelLinear", "SwiGLU")
     gemma = transformer_config(arch_from_hf_dict(dict(model_type="gemma", hidden_act="gelu_pytorch_tanh", **shape)),
                                options)
     assert not gemma.use_te_activation_func  # GeGLU keeps megatron's chunked form
