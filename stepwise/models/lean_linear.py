@@ -11,16 +11,14 @@ Measured on the CPU, a one-token forward and backward of the QKV layer took 372 
 
 `LeanColumnParallelLinear` and `LeanRowParallelLinear` are megatron's layers (same parameters,
 sharding, checkpoints and results) whose forward, in the plain case (no sequence parallelism or expert
-communication, own weight, output not gathered, no deferred embedding gradient or CPU offloading),
-calls `_LinearFunction` directly, and megatron's own forward otherwise (whose product is then
-`_LinearFunction` too where it covers the case). `_LinearFunction`:
+communication, own trainable weight, output not gathered, no deferred embedding gradient or CPU
+offloading), calls `_LinearFunction` directly, and megatron's own forward and function otherwise.
+`_LinearFunction`:
 - adds the bias in the GEMM itself (`addmm`);
 - all-reduces the input gradient over TP asynchronously while the weight gradient is computed (what
   megatron's function does for a column-parallel layer without sequence parallelism);
 - adds the weight gradient straight into DDP's `main_grad` under megatron's gradient accumulation
   fusion (`stepwise.parallel.wgrad`), else returns it.
-Under sequence parallelism, a deferred embedding weight gradient or a frozen weight, megatron's own
-function runs unchanged.
 """
 from __future__ import annotations
 
@@ -29,7 +27,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                            reduce_from_tensor_model_parallel_region)
 
-from stepwise.parallel.wgrad import accumulate, dummy_gradient, fused_main_grad
+from stepwise.parallel.wgrad import weight_gradient
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -51,12 +49,7 @@ class _LinearFunction(torch.autograd.Function):
             if ctx.dgrad_group is not None:  # overlaps the weight gradient's product below
                 handle = dist.all_reduce(grad_input, group=ctx.dgrad_group, async_op=True)
         if ctx.needs_input_grad[1]:
-            main_grad = fused_main_grad(weight, ctx.fusion)
-            if main_grad is None:
-                grad_weight = grad.t() @ flat
-            else:
-                accumulate(flat, grad, main_grad)
-                grad_weight = dummy_gradient(weight, weight.dtype)
+            grad_weight = weight_gradient(weight, ctx.fusion, flat, grad)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(dim=0)
         if handle is not None:
@@ -64,22 +57,6 @@ class _LinearFunction(torch.autograd.Function):
         if grad_input is not None:
             grad_input = grad_input.view(ctx.input_shape)
         return grad_input, grad_weight, grad_bias, None, None
-
-
-class _LeanProduct:
-    """`_forward_impl` (the product megatron's linear layers call) by `_LinearFunction` where it covers the
-    case, else megatron's."""
-
-    def _forward_impl(self, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
-                      grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None, **kwargs):
-        if sequence_parallel or grad_output_buffer is not None or not weight.requires_grad or kwargs:
-            return super()._forward_impl(
-                input, weight, bias=bias, gradient_accumulation_fusion=gradient_accumulation_fusion,
-                allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
-                grad_output_buffer=grad_output_buffer, wgrad_deferral_limit=wgrad_deferral_limit, tp_group=tp_group,
-                **kwargs)
-        group = (tp_group if tp_group is not None else self.tp_group) if allreduce_dgrad else None
-        return _LinearFunction.apply(input, weight, bias, gradient_accumulation_fusion, group)
 
 
 def _plain(layer, weight_requires_grad: bool) -> bool:
@@ -90,8 +67,8 @@ def _plain(layer, weight_requires_grad: bool) -> bool:
             and (offloading is None or not offloading.inside_context))
 
 
-class LeanColumnParallelLinear(_LeanProduct, ColumnParallelLinear):
-    """megatron's `ColumnParallelLinear` with a lean forward and product (see the module doc)."""
+class LeanColumnParallelLinear(ColumnParallelLinear):
+    """megatron's `ColumnParallelLinear` with a lean forward (see the module doc)."""
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
@@ -105,8 +82,8 @@ class LeanColumnParallelLinear(_LeanProduct, ColumnParallelLinear):
         return output, (self.bias if self.skip_bias_add else None)
 
 
-class LeanRowParallelLinear(_LeanProduct, RowParallelLinear):
-    """megatron's `RowParallelLinear` with a lean forward and product (see the module doc)."""
+class LeanRowParallelLinear(RowParallelLinear):
+    """megatron's `RowParallelLinear` with a lean forward (see the module doc)."""
 
     def forward(self, input_):
         if not self.input_is_parallel or not _plain(self, self.weight.requires_grad):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
-from stepwise.parallel.wgrad import accumulate, dummy_gradient, fused_main_grad
+from stepwise.parallel.wgrad import weight_gradient
 
 
 def _gate_grads(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activated: torch.Tensor,
@@ -79,18 +79,8 @@ class _SwiGLULinearFunction(torch.autograd.Function):
         grad_hidden = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_hidden = (grad_gate @ gate_rows).addmm_(grad_up, up_rows).view(ctx.input_shape)
-        if ctx.needs_input_grad[1]:
-            main_grad = fused_main_grad(weight, ctx.fusion)
-            if main_grad is None:
-                grad_weight = torch.empty_like(weight)
-                grad_gate_rows, grad_up_rows = grad_weight.chunk(2, dim=0)
-                torch.mm(grad_gate.t(), flat, out=grad_gate_rows)
-                torch.mm(grad_up.t(), flat, out=grad_up_rows)
-            else:  # megatron's gradient accumulation fusion, into the buffer's two row blocks
-                main_gate_rows, main_up_rows = main_grad.chunk(2, dim=0)
-                accumulate(flat, grad_gate, main_gate_rows)
-                accumulate(flat, grad_up, main_up_rows)
-                grad_weight = dummy_gradient(weight, weight.dtype)
+        if ctx.needs_input_grad[1]:  # the gate and up row blocks, written or added into main_grad
+            grad_weight = weight_gradient(weight, ctx.fusion, flat, grad_gate, grad_up)
         return grad_hidden, grad_weight, None
 
 

@@ -5,7 +5,8 @@ megatron's `gradient_accumulation_fusion`: a linear layer's backward adds input^
 post-backward hook then adds to `main_grad` (one pass less over every weight gradient, and no
 gradient-sized tensor per weight). On GPU the GEMM is APEX's `fused_weight_gradient_mlp_cuda`; on the
 CPU it is `accumulate` below (`cpu_shim` hands it to megatron's linear layers as that module). The
-engine's own weight gradients (the chunked output layer, the SwiGLU fc1) use the same two functions.
+engine's own layers use it too: `weight_gradient` for the lean linear layers and the SwiGLU fc1, and
+the chunked output layer directly.
 
 The contract with DDP (megatron-core 0.16's `LinearWithGradAccumulationAndAsyncCommunication`):
 after adding, the layer sets `weight.grad_added_to_main_grad` and returns a dummy gradient, so DDP's
@@ -29,10 +30,21 @@ def accumulate(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: 
 CPU_KERNELS = types.SimpleNamespace(wgrad_gemm_accum_fp32=accumulate, wgrad_gemm_accum_fp16=accumulate)
 
 
-def fused_main_grad(weight: torch.Tensor, fusion: bool) -> torch.Tensor | None:
-    """`weight.main_grad` when the weight gradient goes straight into it (`fusion` on and the weight is
-    DDP's, so it has the buffer), else None (the layer returns a gradient as usual)."""
-    return getattr(weight, "main_grad", None) if fusion else None
+def weight_gradient(weight: torch.Tensor, fusion: bool, total_input: torch.Tensor,
+                    *row_block_grads: torch.Tensor) -> torch.Tensor | None:
+    """What a linear layer's backward returns for `weight` ([out, in]) from its input [tokens, in] and the
+    output gradients of its row blocks, in order (one [tokens, out] block for a plain layer; the gate
+    and up halves for the SwiGLU fc1): grad^T @ input per block, added straight into `weight.main_grad`
+    when `fusion` is on and the weight is DDP's (then the dummy gradient is returned), else written into
+    a new gradient."""
+    main_grad = getattr(weight, "main_grad", None) if fusion else None
+    target = torch.empty_like(weight) if main_grad is None else main_grad
+    for block, grad in zip(target.chunk(len(row_block_grads), dim=0), row_block_grads):
+        if main_grad is None:
+            torch.mm(grad.t(), total_input, out=block)
+        else:
+            accumulate(total_input, grad, block)
+    return target if main_grad is None else dummy_gradient(weight, weight.dtype)
 
 
 def dummy_gradient(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
