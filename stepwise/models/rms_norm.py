@@ -11,7 +11,9 @@ which upcasts as transformers' Gemma norm does), r = rsqrt(mean(x²) + eps) and 
 - `RMSNorm`: y = n cast to x's dtype, times w (torch.nn.RMSNorm's arithmetic, in its order);
 - `ZeroCenteredRMSNorm`: y = (n * (1 + w)) cast to x's dtype (Gemma; w starts at zero, the identity).
 Backward, in fp32, with s = w (or 1 + w) and g the output gradient: dx = r * (g s - n * mean(g s n)),
-dw = sum over positions of g n. Saved for backward: n and r.
+dw = sum over positions of g n. Saved for backward: n and r. The product g n is formed once: mean(g s n)
+is its matrix-vector product with s, and dw its column sum (one pass over [tokens, hidden] fewer than
+forming g s n apart).
 """
 from __future__ import annotations
 
@@ -35,12 +37,11 @@ class _RMSNormFunction(torch.autograd.Function):
         normed, rstd, weight = ctx.saved_tensors
         upcast = grad.to(normed.dtype)
         scale = weight.to(normed.dtype)
-        scaled = upcast * (ctx.offset + scale if ctx.offset else scale)
-        dot = (scaled * normed).mean(-1, keepdim=True)
-        grad_x = scaled.sub_(normed * dot).mul_(rstd).type_as(grad)
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (upcast * normed).reshape(-1, normed.shape[-1]).sum(dim=0).to(weight.dtype)
+        scale = ctx.offset + scale if ctx.offset else scale
+        product = (upcast * normed).reshape(-1, normed.shape[-1])  # g n, read by both sums below
+        dot = torch.mv(product, scale).view(rstd.shape).div_(normed.shape[-1])  # mean(g s n)
+        grad_x = (upcast * scale).addcmul_(normed, dot, value=-1).mul_(rstd).type_as(grad)
+        grad_weight = product.sum(dim=0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_weight, None, None
 
 

@@ -14,8 +14,8 @@ so plain 0..S-1 ids give bitwise the same rotation as before. megatron's fused r
 cos/sin of the frequencies are computed once per forward (megatron: per layer, for query and key),
 and a rotation over the whole head dimension skips megatron's split and re-concatenation (a copy
 forward, a zero-filled copy backward). On CPU (`_BatchMajorRope`) the rotation is written straight into
-the batch-major memory the SDPA core attention reads (`attention.batch_major`: then no copy), and its
-backward runs without rotate_half's concatenations and full-width temporaries (bitwise the same values).
+the [b, heads, s, d] memory the SDPA core attention reads (`attention.batch_major`: then no copy), and
+its backward runs without rotate_half's concatenations and full-width temporaries (bitwise the same values).
 Partial rotation, interleaved rotation and multi-latent attention go to megatron's.
 """
 from __future__ import annotations
@@ -71,12 +71,13 @@ def cos_sin(freqs: torch.Tensor, mscale: float, dtype: torch.dtype) -> tuple[tor
 
 class _BatchMajorRope(torch.autograd.Function):
     """t * cos + rotate_half(t) * sin for t [s, b, h, d] (rotate_half(t) = [-t2, t1] over halves of d),
-    returned as the [s, b, h, d] view of a new [b, s, h, d] tensor."""
+    returned as the [s, b, h, d] view of a new [b, h, s, d] tensor."""
 
     @staticmethod
     def forward(ctx, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = t.shape[-1] // 2
-        out = t.new_empty(t.shape[1], t.shape[0], *t.shape[2:]).transpose(0, 1)
+        seq, batch, heads, dim = t.shape
+        out = t.new_empty(batch, heads, seq, dim).permute(2, 0, 1, 3)
         torch.mul(t, cos, out=out)  # products rounded before the sums, as megatron's: bitwise its values
         out[..., :half].sub_(t[..., half:] * sin[..., :half])
         out[..., half:].add_(t[..., :half] * sin[..., half:])

@@ -202,10 +202,13 @@ def hidden_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           positions: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
     """log p(labels) [B, S] (fp32) from final hidden states [B, S, H] (whole sequences, every TP rank's
     copy) and this rank's output weight shard [V/TP, H]; the rows are gathered at `positions` (as
-    `read_rows`) before the output layer, so logits exist for one chunk of those rows only; 0.0 elsewhere."""
+    `read_rows`) before the output layer, so logits exist for one chunk of those rows only; 0.0 elsewhere.
+    Where every position is read (SFT rows without a prompt), the hidden states go in as they are."""
     rows = read_rows(labels, positions)
-    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-    picked = linear_token_logprobs(flat, weight, labels.reshape(-1)[rows], real_vocab_size, chunk)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if rows.numel() == labels.numel():  # every position is read: no gather, no scatter
+        return linear_token_logprobs(flat, weight, labels.reshape(-1), real_vocab_size, chunk).view(labels.shape)
+    picked = linear_token_logprobs(flat.index_select(0, rows), weight, labels.reshape(-1)[rows], real_vocab_size, chunk)
     return _scatter_rows(picked, rows, labels)
 
 

@@ -74,11 +74,17 @@ def check_hidden_positions_and_main_grad(tp: int, rank: int, generator: torch.Ge
     """`hidden_token_logprobs` at a packed row's positions ([actions, S] mask over one row of labels)
     equals the full form there; its weight gradient lands in `main_grad` (fp32, holding an earlier
     micro-batch's gradient) exactly once: with DDP's flag a dummy is returned (zeros under
-    `zero_out_wgrad`, as DDP's hook then adds it), without the flag no gradient at all."""
+    `zero_out_wgrad`, as DDP's hook then adds it), without the flag no gradient at all. Once with some
+    positions read, once with every one (the form that skips the gather)."""
+    some = torch.rand(ROWS, LENGTH, generator=generator) > 0.6
+    for mask in (some, torch.ones(ROWS, LENGTH, dtype=torch.bool)):
+        _check_positions(tp, rank, generator, mask)
+
+
+def _check_positions(tp: int, rank: int, generator: torch.Generator, mask: torch.Tensor) -> None:
     hidden = torch.randn(1, LENGTH, HIDDEN, generator=generator)
     weight = torch.randn(PADDED_VOCAB, HIDDEN, generator=generator)
     labels = torch.randint(0, REAL_VOCAB, (1, LENGTH), generator=generator)
-    mask = torch.rand(ROWS, LENGTH, generator=generator) > 0.6
     read = mask.any(dim=0, keepdim=True)
     grad_out = torch.randn(1, LENGTH, generator=generator)
     full_hidden, full_weight = hidden.clone().requires_grad_(True), shard(weight, tp, rank)

@@ -65,8 +65,8 @@ def test_lean_rope_is_bitwise_megatrons():
                 out.backward(grad_out)
                 results.append((out.detach(), x.grad))
             assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
-            if not partial:  # on CPU written batch-major: the core attention's layout, taken without a copy
-                assert results[1][0].transpose(0, 1).is_contiguous()
+            if not partial:  # on CPU written [b, h, s, d]: the core attention's layout, taken without a copy
+                assert results[1][0].permute(1, 2, 0, 3).is_contiguous()
                 assert batch_major(results[1][0]).data_ptr() == results[1][0].data_ptr()
 
 
